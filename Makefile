@@ -1,0 +1,33 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+# Both create .venv once and reuse it; a second run installs nothing.
+PYTHON ?= python3
+VENV ?= .venv
+# CPU build on this machine; a GPU user overrides it, e.g. `make demo TORCH_SPEC=torch`.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.condcomp-installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# torch goes in first, alone, so the package's `torch>=2.4` range is already satisfied and
+# pip never reaches for a (multi-GB, CUDA) build from the registry.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[all]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/condcomp demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

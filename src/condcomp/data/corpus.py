@@ -1,0 +1,189 @@
+"""Byte-level text corpora, split deterministically and cached as memory-mapped arrays.
+
+The built-in default is the source of the running interpreter's standard library (test folders and
+installed packages excluded): always present, real, and identical on every machine with the same
+Python. Any text file or folder works too (``DataConfig.source``).
+
+Splits are by file path, not by random draw: a file's split is fixed by the SHA-1 of its relative
+path, so adding a file never moves another one between train and validation. When a source has too
+few files for every split to get one (a single file, a small folder), each split is instead a
+contiguous stretch of the concatenated text: train first, then validation, then test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+_FORMAT_VERSION = 1
+# Folders under the stdlib that are not the library itself: tests and installed third-party code.
+_STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+_BINARY_SNIFF_BYTES = 8192
+
+
+class DataError(ValueError):
+    """The data source cannot be used; the message says which path and what to do."""
+
+
+@dataclass
+class Corpus:
+    """uint8 arrays (memory-mapped) of each split, and where they came from."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    description: str
+    num_files: int
+
+    def split(self, name: str) -> np.ndarray:
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+        return getattr(self, name)
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _stdlib_files(root: Path) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_EXCLUDED_DIRS)
+        files.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
+    return files
+
+
+def _looks_binary(path: Path) -> str | None:
+    """Return why ``path`` is not UTF-8 text, or None if it is."""
+    with open(path, "rb") as fh:
+        head = fh.read(_BINARY_SNIFF_BYTES)
+    nul = head.find(b"\0")
+    if nul >= 0:
+        return f"it contains a NUL byte at offset {nul}"
+    try:
+        # Cut at the last newline so a multi-byte character split by the sniff window is not blamed.
+        cut = head.rfind(b"\n")
+        (head[: cut + 1] if cut >= 0 and len(head) == _BINARY_SNIFF_BYTES else head).decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"it is not UTF-8 text (invalid byte at offset {e.start})"
+    return None
+
+
+def _user_files(source: Path) -> tuple[list[Path], list[Path]]:
+    """Text files of a user path, and the binary files skipped in a folder."""
+    if not source.exists():
+        raise DataError(f"data path does not exist: {source}; pass a text file or a folder of text files")
+    if source.is_file():
+        if source.stat().st_size == 0:
+            raise DataError(f"data file is empty: {source}")
+        why = _looks_binary(source)
+        if why:
+            raise DataError(f"data file {source} looks binary: {why}; condcomp trains on text, pass a text file or folder")
+        return [source], []
+    if not source.is_dir():
+        raise DataError(f"data path is neither a file nor a folder: {source}")
+    text, binary = [], []
+    for dirpath, dirnames, filenames in os.walk(source):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.startswith(".") or not path.is_file() or path.stat().st_size == 0:
+                continue
+            (binary if _looks_binary(path) else text).append(path)
+    if not text:
+        extra = f" ({len(binary)} binary files skipped, e.g. {binary[0]})" if binary else ""
+        raise DataError(f"data folder {source} has no non-empty text files{extra}")
+    return text, binary
+
+
+def _split_of(relpath: str, val_fraction: float, test_fraction: float) -> str:
+    h = int.from_bytes(hashlib.sha1(relpath.encode()).digest()[:8], "big") / 2**64
+    if h < val_fraction:
+        return "val"
+    if h < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CONDCOMP_CACHE", Path.home() / ".cache" / "condcomp"))
+
+
+def load_corpus(source: str = "stdlib", *, val_fraction: float = 0.05, test_fraction: float = 0.05,
+                cache_dir: str | Path | None = None) -> Corpus:
+    """Read (or reuse the cache of) a byte-level corpus.
+
+    source: "stdlib" or a path to a text file or folder.
+    Returns memory-mapped uint8 arrays; the cache key covers every file's path, size and mtime and
+    the split fractions, so a changed source is re-read.
+    """
+    if source == "stdlib":
+        root = stdlib_root()
+        files = _stdlib_files(root)
+        skipped: list[Path] = []
+        description = f"Python {'.'.join(map(str, __import__('sys').version_info[:3]))} standard library source ({root})"
+        if not files:
+            raise DataError(f"no .py files found under the standard library folder {root}")
+    else:
+        root = Path(source).expanduser().resolve()
+        files, skipped = _user_files(root)
+        description = str(root)
+        if root.is_file():
+            root = root.parent
+    rel = [str(f.relative_to(root)) for f in files]
+    stats = [(r, f.stat().st_size, f.stat().st_mtime_ns) for r, f in zip(rel, files)]
+    key = hashlib.sha1(json.dumps([_FORMAT_VERSION, str(root), stats, val_fraction, test_fraction]).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    folder = cache / "corpora" / key
+    if not (folder / "meta.json").is_file():
+        _build_cache(folder, files, rel, val_fraction, test_fraction, description)
+    meta = json.loads((folder / "meta.json").read_text())
+    arrays = {}
+    for s in SPLITS:
+        n = meta["sizes"][s]
+        arrays[s] = np.memmap(folder / f"{s}.bin", dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, np.uint8)
+    if skipped:
+        description += f" ({len(skipped)} binary files skipped)"
+    return Corpus(description=description, num_files=len(files), **arrays)
+
+
+def _build_cache(folder: Path, files: list[Path], rel: list[str], val_fraction: float,
+                 test_fraction: float, description: str) -> None:
+    by_split = {s: [] for s in SPLITS}
+    for r, f in zip(rel, files):
+        by_split[_split_of(r, val_fraction, test_fraction)].append(f)
+    chunks = {s: [f.read_bytes() for f in by_split[s]] for s in SPLITS}
+    split_rule = "path-hash"
+    if any(not chunks[s] for s in SPLITS):
+        # Too few files for a per-file split: cut the concatenation into contiguous stretches.
+        data = b"".join(f.read_bytes() for f in files)
+        n = len(data)
+        n_val, n_test = int(n * val_fraction), int(n * test_fraction)
+        n_train = n - n_val - n_test
+        chunks = {"train": [data[:n_train]], "val": [data[n_train : n_train + n_val]], "test": [data[n_train + n_val :]]}
+        split_rule = "contiguous"
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sizes = {}
+    for s in SPLITS:
+        blob = b"".join(chunks[s])
+        (tmp / f"{s}.bin").write_bytes(blob)
+        sizes[s] = len(blob)
+    meta = {"description": description, "sizes": sizes, "split_rule": split_rule,
+            "files": {s: len(by_split[s]) for s in SPLITS}}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        os.rename(tmp, folder)  # atomic: readers see a complete cache or none
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; its copy is identical
+        if not (folder / "meta.json").is_file():
+            raise

@@ -1,0 +1,36 @@
+"""Position-wise feed-forward networks: SwiGLU (Shazeer, 2020) and GELU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = ("swiglu", "gelu")
+
+
+class FeedForward(nn.Module):
+    """x: [..., d_model] -> [..., d_model].
+
+    swiglu: down(silu(x W_gate) * (x W_up)), gate and up fused in one [d_model, 2*d_ff] matmul.
+    gelu:   down(gelu(x W_up)).
+    """
+
+    def __init__(self, *, d_model: int, d_ff: int, activation: str = "swiglu", dropout: float = 0.0):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
+        width = 2 * d_ff if activation == "swiglu" else d_ff
+        self.up = nn.Linear(d_model, width, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.dropout(self.down(h))

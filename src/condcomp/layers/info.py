@@ -1,0 +1,27 @@
+"""What a conditional layer reports besides its output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LayerInfo:
+    """Auxiliary losses and metrics returned by a layer next to its output.
+
+    aux_losses: name -> scalar tensor (differentiable); the trainer weights and adds them to the loss.
+    metrics:    name -> scalar or small tensor (detached), logged but never optimised.
+    """
+
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
+
+
+def split_output(out) -> tuple[torch.Tensor, LayerInfo | None]:
+    """Layers return ``y`` or ``(y, LayerInfo)``; normalise to the pair."""
+    if isinstance(out, tuple):
+        y, info = out
+        return y, info
+    return out, None

@@ -1,0 +1,65 @@
+"""Named components a config can put in a block: ``attention: causal``, ``ffn: swiglu``, ...
+
+Each entry is a builder ``(cfg: ModelConfig, layer_idx: int) -> nn.Module``. Later layers register
+here (``ffn: moe``, ``block: mod``, ...) and the Transformer picks them up by name, so adding a
+technique never touches the model code.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from condcomp.layers.attention import Attention
+from condcomp.layers.feedforward import FeedForward
+
+Builder = Callable[..., nn.Module]
+_REGISTRY: dict[str, dict[str, Builder]] = {"attention": {}, "ffn": {}, "block": {}}
+
+
+def register(kind: str, name: str):
+    """Decorator: make ``builder`` available as ``<kind>: <name>`` in configs."""
+
+    def wrap(builder: Builder) -> Builder:
+        if name in _REGISTRY[kind]:
+            raise ValueError(f"{kind} component {name!r} is already registered")
+        _REGISTRY[kind][name] = builder
+        return builder
+
+    return wrap
+
+
+def names(kind: str) -> tuple[str, ...]:
+    _load_block_builders()
+    return tuple(_REGISTRY[kind])
+
+
+def build(kind: str, name: str, cfg, layer_idx: int) -> nn.Module:
+    _load_block_builders()
+    try:
+        builder = _REGISTRY[kind][name]
+    except KeyError:
+        raise ValueError(f"unknown {kind} component {name!r}; available: {sorted(_REGISTRY[kind])}") from None
+    return builder(cfg, layer_idx)
+
+
+def _load_block_builders() -> None:
+    # Blocks live with the model and register on import; importing lazily avoids a cycle.
+    import condcomp.models.transformer  # noqa: F401
+
+
+@register("attention", "causal")
+def _causal_attention(cfg, layer_idx: int) -> nn.Module:
+    return Attention(d_model=cfg.d_model, n_heads=cfg.n_heads, max_len=cfg.seq_len, causal=True,
+                     rope_base=cfg.rope_base, dropout=cfg.dropout)
+
+
+@register("ffn", "swiglu")
+def _swiglu(cfg, layer_idx: int) -> nn.Module:
+    return FeedForward(d_model=cfg.d_model, d_ff=cfg.ffn_hidden, activation="swiglu", dropout=cfg.dropout)
+
+
+@register("ffn", "gelu")
+def _gelu(cfg, layer_idx: int) -> nn.Module:
+    return FeedForward(d_model=cfg.d_model, d_ff=cfg.ffn_hidden, activation="gelu", dropout=cfg.dropout)

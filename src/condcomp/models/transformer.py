@@ -1,0 +1,134 @@
+"""A configurable decoder-only Transformer LM.
+
+Pre-norm blocks (RMSNorm), rotary positions, SDPA causal attention, SwiGLU or GELU FFN, tied input
+and output embeddings. Each block's attention and feed-forward are named components from
+``condcomp.models.components``, so conditional layers drop in through the config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from condcomp.config import ModelConfig
+from condcomp.layers.info import LayerInfo, split_output
+from condcomp.layers.norm import RMSNorm
+from condcomp.models import components
+
+
+@dataclass
+class ModelOutput:
+    """logits: [batch, seq, vocab]. aux_losses: name -> scalar summed over layers.
+    metrics: "layer{i}.{name}" -> detached value, for logging."""
+
+    logits: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
+
+
+class AuxCollector:
+    """Gathers the LayerInfo of every layer in one forward pass."""
+
+    def __init__(self) -> None:
+        self.losses: dict[str, torch.Tensor] = defaultdict(lambda: 0.0)
+        self.metrics: dict[str, torch.Tensor | float] = {}
+
+    def add(self, prefix: str, info: LayerInfo | None) -> None:
+        if info is None:
+            return
+        for name, value in info.aux_losses.items():
+            self.losses[name] = self.losses[name] + value
+        for name, value in info.metrics.items():
+            self.metrics[f"{prefix}.{name}"] = value.detach() if torch.is_tensor(value) else value
+
+
+@components.register("block", "transformer")
+class TransformerBlock(nn.Module):
+    """x + attn(norm(x)), then + ffn(norm(x)). x: [batch, seq, d_model]."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = components.build("attention", cfg.attention, cfg, layer_idx)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = components.build("ffn", cfg.ffn, cfg, layer_idx)
+
+    def forward(self, x: torch.Tensor, aux: AuxCollector) -> torch.Tensor:
+        y, info = split_output(self.attn(self.attn_norm(x)))
+        aux.add(f"layer{self.layer_idx}.attn", info)
+        x = x + y
+        y, info = split_output(self.ffn(self.ffn_norm(x)))
+        aux.add(f"layer{self.layer_idx}.ffn", info)
+        return x + y
+
+
+class Transformer(nn.Module):
+    """Decoder LM. ``forward(tokens [batch, seq] int64) -> ModelOutput`` (logits [batch, seq, vocab])."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            components.build("block", cfg.block, cfg, i) for i in range(cfg.n_layers)
+        )
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        # Residual-output projections are scaled down with depth (GPT-2) so the residual stream's
+        # variance does not grow with the number of layers.
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            is_residual_out = name.endswith(("out.weight", "down.weight"))
+            nn.init.normal_(p, mean=0.0, std=residual_std if is_residual_out else std)
+
+    def forward(self, tokens: torch.Tensor) -> ModelOutput:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.cfg.seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds model seq_len {self.cfg.seq_len}")
+        aux = AuxCollector()
+        x = self.drop(self.embed(tokens))
+        for block in self.blocks:
+            x = block(x, aux)
+        logits = self.lm_head(self.norm(x))
+        return ModelOutput(logits=logits, aux_losses=dict(aux.losses), metrics=aux.metrics)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample continuations. prompt: [batch, t] int64 -> [batch, t + max_new_tokens].
+
+        Recomputes the (cropped) context each step: simple, and exact for every block type.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        out = prompt
+        for _ in range(max_new_tokens):
+            context = out[:, -self.cfg.seq_len :]
+            logits = self(context).logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            out = torch.cat([out, nxt], dim=1)
+        return out

@@ -1,0 +1,289 @@
+"""The training loop: AdamW, warmup + cosine, clipping, bf16 autocast, validation in bits per byte,
+executed-FLOP counting, JSONL metrics and exact resume.
+
+Exactness: the batch of step s depends only on (seed, s), and a checkpoint holds the model,
+optimizer, schedule, torch RNG and counters, so ``--resume`` continues bit-for-bit as if the run
+had never stopped (fp32; bf16 autocast is deterministic on CPU too, but not promised).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+from condcomp.config import RunConfig, config_from_saved
+from condcomp.data import eval_batches, load_corpus, train_batch
+from condcomp.models import Transformer
+from condcomp.train import checkpoint as ckpt
+
+LN2 = math.log(2.0)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, misconfigured run folder, ...); the message says what to do."""
+
+
+def autocast(precision: str):
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors (norm gains, biases) do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy in nats. logits [b, t, v], targets [b, t]."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, data, *, batch_size: int, max_batches: int, precision: str = "fp32") -> float:
+    """Bits per byte over fixed windows of ``data`` (uint8 array)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in eval_batches(data, batch_size=batch_size, seq_len=model.cfg.seq_len, max_batches=max_batches):
+        with autocast(precision):
+            logits = model(x).logits
+        total += lm_loss(logits, y).item() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return total / count / LN2
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    val_bpb: float | None
+    losses: list[float]
+    total_flops: float
+    checkpoint: Path | None
+
+
+def _scalar_metrics(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        if torch.is_tensor(v):
+            if v.numel() == 1:
+                out[k] = v.item()
+            else:
+                out[k] = v.tolist()
+        else:
+            out[k] = v
+    return out
+
+
+class Trainer:
+    """Trains a Transformer LM on a byte corpus as a RunConfig says."""
+
+    def __init__(self, cfg: RunConfig, *, resume: str | Path | bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        tc = cfg.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        torch.manual_seed(tc.seed)
+        self.corpus = load_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction,
+                                  test_fraction=cfg.data.test_fraction, cache_dir=cfg.data.cache_dir)
+        for split in ("train", "val"):
+            if len(self.corpus.split(split)) < cfg.model.seq_len + 1:
+                raise TrainingError(
+                    f"the {split} split of {self.corpus.description} has {len(self.corpus.split(split))} bytes, "
+                    f"fewer than model.seq_len + 1 = {cfg.model.seq_len + 1}; use more text or a smaller model.seq_len")
+        self.model = Transformer(cfg.model)
+        self.optimizer = build_optimizer(self.model, tc)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, warmup=tc.warmup_steps, total=tc.steps, min_ratio=tc.min_lr_ratio))
+        self.step = 0
+        self.total_flops = 0.0
+        self.tokens_seen = 0
+        self.train_seconds = 0.0
+        self.last_step_flops = 0.0
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._prepare_run_dir(resume)
+
+    # -- run folder and resume -------------------------------------------------------------
+
+    def _prepare_run_dir(self, resume) -> None:
+        existing = ckpt.list_checkpoints(self.run_dir)
+        if not resume:
+            if existing:
+                raise TrainingError(
+                    f"run folder {self.run_dir} already has checkpoints (newest {existing[-1].name}); "
+                    "pass --resume to continue it, or choose another run_dir (nothing was overwritten)")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.metrics_path.write_text("")
+            (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+            return
+        if resume is True and not existing:
+            # Killed before its first checkpoint: nothing to resume, so start the run afresh.
+            print(f"no checkpoint in {self.run_dir} yet; starting from step 0")
+            return self._prepare_run_dir(False)
+        path = ckpt.resolve_checkpoint(self.run_dir if resume is True else resume)
+        saved = config_from_saved(ckpt.read_config(path))
+        if saved.model != self.cfg.model:
+            raise TrainingError(f"checkpoint {path} was trained with a different model config; "
+                                "resume with the config it was saved with")
+        state = ckpt.load_checkpoint(path, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        self.total_flops = float(state["total_flops"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.train_seconds = float(state["train_seconds"])
+        self.last_step_flops = float(state["last_step_flops"])
+        self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop log lines written after the checkpoint we resume from: they will be written again."""
+        if not self.metrics_path.is_file():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                break  # a line cut by a crash: nothing after it is trustworthy
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(l + "\n" for l in kept))
+        os.replace(tmp, self.metrics_path)
+
+    def save(self) -> Path:
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "step": self.step,
+            "total_flops": self.total_flops,
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "last_step_flops": self.last_step_flops,
+        }
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg.to_dict(),
+                                    keep=self.cfg.train.keep_checkpoints)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _log(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def aux_loss(self, aux_losses: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        weights = self.cfg.train.aux_loss_weights
+        total = 0.0
+        for name, value in aux_losses.items():
+            if name not in weights:
+                raise TrainingError(f"a layer returned aux loss {name!r} but train.aux_loss_weights has no weight "
+                                    f"for it; add train.aux_loss_weights.{name}: <weight> (0 to ignore it)")
+            total = total + weights[name] * value
+        return total
+
+    def train_step(self) -> tuple[float, dict]:
+        tc = self.cfg.train
+        x, y = train_batch(self.corpus.train, step=self.step, seed=tc.seed, batch_size=tc.batch_size,
+                           seq_len=self.cfg.model.seq_len)
+        count = self.step % tc.flops_every == 0
+        counter = FlopCounterMode(display=False) if count else contextlib.nullcontext()
+        with counter:
+            with autocast(tc.precision):
+                out = self.model(x)
+                loss = lm_loss(out.logits, y)
+                total = loss + self.aux_loss(out.aux_losses)
+            total.backward()
+        if count:
+            self.last_step_flops = float(counter.get_total_flops())
+        if not torch.isfinite(total):
+            raise TrainingError(
+                f"loss became {total.item()} at step {self.step}; training stopped before updating the weights. "
+                f"The last checkpoint in {ckpt.checkpoint_dir(self.run_dir)} is intact: lower train.lr "
+                "(or enable grad_clip) and resume from it")
+        grad_norm = None
+        if tc.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        record = {"loss": loss.item(), "lr": self.scheduler.get_last_lr()[0]}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        for name, value in out.aux_losses.items():
+            record[f"aux.{name}"] = float(value)
+        record.update(_scalar_metrics(out.metrics))
+        return loss.item(), record
+
+    def train(self) -> TrainResult:
+        tc = self.cfg.train
+        self.model.train()
+        losses: list[float] = []
+        val_bpb = None
+        tokens_per_step = tc.batch_size * self.cfg.model.seq_len
+        bar = tqdm(total=tc.steps, initial=self.step, disable=not tc.progress, unit="step",
+                   dynamic_ncols=True, mininterval=1.0, desc=self.run_dir.name)
+        last_ckpt = None
+        window_start, window_tokens = time.perf_counter(), 0
+        while self.step < tc.steps:
+            t0 = time.perf_counter()
+            loss, record = self.train_step()
+            dt = time.perf_counter() - t0
+            self.step += 1
+            self.train_seconds += dt
+            self.tokens_seen += tokens_per_step
+            self.total_flops += self.last_step_flops
+            window_tokens += tokens_per_step
+            losses.append(loss)
+            if self.step % tc.log_every == 0 or self.step == tc.steps:
+                elapsed = time.perf_counter() - window_start
+                tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
+                window_start, window_tokens = time.perf_counter(), 0
+                self._log({"step": self.step, **record, "tokens_per_s": tok_s, "step_flops": self.last_step_flops,
+                           "total_flops": self.total_flops, "tokens": self.tokens_seen,
+                           "train_seconds": self.train_seconds})
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                val_bpb = evaluate(self.model, self.corpus.val, batch_size=tc.batch_size,
+                                   max_batches=tc.eval_batches, precision=tc.precision)
+                self._log({"step": self.step, "val_bpb": val_bpb, "total_flops": self.total_flops,
+                           "tokens": self.tokens_seen, "train_seconds": self.train_seconds})
+                bar.write(f"step {self.step}: val {val_bpb:.4f} bits/byte")
+            if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
+                last_ckpt = self.save()
+            bar.update(1)
+        bar.close()
+        return TrainResult(self.run_dir, self.step, val_bpb, losses, self.total_flops, last_ckpt)
+
+
+def load_model(path: str | Path) -> tuple[Transformer, RunConfig]:
+    """Rebuild a model from a checkpoint (or a run folder's newest one), in eval mode."""
+    path = ckpt.resolve_checkpoint(path)
+    cfg = config_from_saved(ckpt.read_config(path))
+    model = Transformer(cfg.model)
+    ckpt.load_checkpoint(path, model)
+    return model.eval(), cfg
