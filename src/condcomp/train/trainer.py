@@ -117,9 +117,9 @@ class Trainer:
                     f"fewer than model.seq_len + 1 = {cfg.model.seq_len + 1}; use more text or a smaller model.seq_len")
         self.model = Transformer(cfg.model)
         self.optimizer = build_optimizer(self.model, tc)
+        warmup, total, floor = tc.warmup_steps, tc.steps, tc.min_lr_ratio  # bound now, not read live
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(s, warmup=tc.warmup_steps, total=tc.steps, min_ratio=tc.min_lr_ratio))
+            self.optimizer, lambda s: lr_factor(s, warmup=warmup, total=total, min_ratio=floor))
         self.step = 0
         self.total_flops = 0.0
         self.tokens_seen = 0
@@ -239,8 +239,10 @@ class Trainer:
         record.update(_scalar_metrics(out.metrics))
         return loss.item(), record
 
-    def train(self) -> TrainResult:
+    def train(self, until: int | None = None) -> TrainResult:
+        """Train to ``train.steps`` (or stop early after step ``until``, checkpointing there)."""
         tc = self.cfg.train
+        stop = tc.steps if until is None else min(until, tc.steps)
         self.model.train()
         losses: list[float] = []
         val_bpb = None
@@ -249,7 +251,7 @@ class Trainer:
                    dynamic_ncols=True, mininterval=1.0, desc=self.run_dir.name)
         last_ckpt = None
         window_start, window_tokens = time.perf_counter(), 0
-        while self.step < tc.steps:
+        while self.step < stop:
             t0 = time.perf_counter()
             loss, record = self.train_step()
             dt = time.perf_counter() - t0
@@ -273,7 +275,7 @@ class Trainer:
                 self._log({"step": self.step, "val_bpb": val_bpb, "total_flops": self.total_flops,
                            "tokens": self.tokens_seen, "train_seconds": self.train_seconds})
                 bar.write(f"step {self.step}: val {val_bpb:.4f} bits/byte")
-            if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
+            if self.step % tc.checkpoint_every == 0 or self.step == stop:
                 last_ckpt = self.save()
             bar.update(1)
         bar.close()

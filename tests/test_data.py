@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+
+from condcomp.data import DataError, decode, encode, eval_batches, load_corpus, train_batch
+from condcomp.data.corpus import _split_of, _stdlib_files, stdlib_root
+
+
+def test_stdlib_corpus_excludes_tests_and_installed_packages():
+    files = _stdlib_files(stdlib_root())
+    parts = {p for f in files for p in f.relative_to(stdlib_root()).parts[:-1]}
+    assert files and not parts & {"test", "tests", "idle_test", "site-packages"}
+    assert any(f.name == "argparse.py" for f in files)
+
+
+def test_split_is_a_pure_function_of_the_path():
+    names = [f"pkg/mod{i}.py" for i in range(2000)]
+    first = [_split_of(n, 0.05, 0.05) for n in names]
+    assert first == [_split_of(n, 0.05, 0.05) for n in names]
+    frac_val = first.count("val") / len(first)
+    assert 0.03 < frac_val < 0.07 and first.count("test") > 0
+
+
+def test_stdlib_corpus_loads_with_all_splits(tmp_path):
+    c = load_corpus("stdlib", cache_dir=tmp_path)
+    assert len(c.train) > 5_000_000 and len(c.val) > 100_000 and len(c.test) > 100_000
+    again = load_corpus("stdlib", cache_dir=tmp_path)  # from the cache
+    assert np.array_equal(np.asarray(c.val[:1000]), np.asarray(again.val[:1000]))
+
+
+def test_single_file_splits_contiguously(text_file, tmp_path):
+    c = load_corpus(str(text_file), cache_dir=tmp_path / "cache")
+    data = text_file.read_bytes()
+    assert bytes(np.asarray(c.train)) + bytes(np.asarray(c.val)) + bytes(np.asarray(c.test)) == data
+
+
+def test_folder_reads_text_and_skips_binary(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.txt").write_text(f"document {i}\n" * 100)
+    (folder / "image.bin").write_bytes(b"\x89PNG\x00\x00binary")
+    c = load_corpus(str(folder), cache_dir=tmp_path / "cache")
+    total = len(c.train) + len(c.val) + len(c.test)
+    assert total == sum((folder / f"{i}.txt").stat().st_size for i in range(3))
+    assert "1 binary files skipped" in c.description
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    (b"", "empty"),
+    (b"ab\x00cd" * 10, "binary"),
+    (b"caf\xe9 " * 10, "not UTF-8"),
+])
+def test_bad_data_paths_give_clear_errors(tmp_path, content, message):
+    path = tmp_path / "data.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_corpus(str(path), cache_dir=tmp_path / "cache")
+
+
+def test_folder_with_only_binary_files_is_an_error(tmp_path):
+    folder = tmp_path / "bins"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(DataError, match="no non-empty text files"):
+        load_corpus(str(folder), cache_dir=tmp_path / "cache")
+
+
+def test_train_batch_depends_only_on_seed_and_step():
+    data = np.frombuffer(bytes(range(256)) * 40, dtype=np.uint8)
+    a = train_batch(data, step=3, seed=1, batch_size=4, seq_len=16)
+    b = train_batch(data, step=3, seed=1, batch_size=4, seq_len=16)
+    c = train_batch(data, step=4, seed=1, batch_size=4, seq_len=16)
+    assert all(torch_equal(x, y) for x, y in zip(a, b)) and not torch_equal(a[0], c[0])
+    x, y = a
+    assert torch_equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one byte
+
+
+def torch_equal(a, b):
+    return bool((a == b).all())
+
+
+def test_eval_batches_cover_the_split_and_repeat():
+    data = np.arange(1000, dtype=np.uint8)
+    first = [x for x, _ in eval_batches(data, batch_size=4, seq_len=10, max_batches=3)]
+    second = [x for x, _ in eval_batches(data, batch_size=4, seq_len=10, max_batches=3)]
+    assert len(first) == 3 and all(torch_equal(a, b) for a, b in zip(first, second))
+    assert first[-1][-1, 0] > 200  # windows are spread across the split, not only its start
+
+
+def test_encode_decode_round_trip():
+    text = "déf f(x): return 'λ'"
+    assert decode(encode(text).tolist()) == text
