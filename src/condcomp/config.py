@@ -71,6 +71,30 @@ def _component_names(kind: str):
 
 
 @dataclass
+class MoEConfig(_Validated):
+    """Settings of ``ffn: moe`` (used only when model.ffn is moe)."""
+
+    num_experts: int = _field(8, ge=1)
+    router: str = _field("top_k", choices=("top_k", "expert_choice"))
+    k: int = _field(1, ge=1, help="experts per token (top_k router)")
+    capacity_factor: float | None = _field(1.25, gt=0.0, help="null = dropless (top_k only)")
+    renormalize: bool | None = _field(None, help="top_k: rescale the k gates to sum to 1 (default: k > 1)")
+    jitter: float = _field(0.0, ge=0.0, lt=1.0)
+    expert_choice_mode: str = _field("per_position", choices=("per_position", "global"),
+                                     help="global reads future tokens: encoders only")
+    d_ff: int | None = _field(None, ge=1, help="hidden size of each expert; default: the dense FFN's")
+    activation: str = _field("gelu", choices=("gelu", "swiglu"))
+    shared_expert_d_ff: int | None = _field(None, ge=1)
+    moe_every: int = _field(1, ge=1, help="layer i is MoE when (i + 1) % moe_every == 0; others dense")
+
+    def check(self) -> None:
+        if self.router == "top_k" and self.k > self.num_experts:
+            raise ConfigError(f"k: {self.k} exceeds num_experts={self.num_experts}")
+        if self.router == "expert_choice" and self.capacity_factor is None:
+            raise ConfigError("capacity_factor: expert choice needs a number (2.0 = top-2 compute), not null")
+
+
+@dataclass
 class ModelConfig(_Validated):
     """Decoder LM shape and the named component used for each part of a block."""
 
@@ -87,8 +111,13 @@ class ModelConfig(_Validated):
     norm_eps: float = _field(1e-5, gt=0.0)
     rope_base: float = _field(10000.0, gt=1.0)
     init_std: float = _field(0.02, gt=0.0)
+    moe: MoEConfig = _field(default_factory=MoEConfig)
 
     def check(self) -> None:
+        if self.ffn == "moe" and self.moe.router == "expert_choice" and self.moe.expert_choice_mode == "global":
+            raise ConfigError(
+                "moe.expert_choice_mode: 'global' expert choice ranks tokens against future positions, so a "
+                "decoder would learn to read the future; use expert_choice_mode: per_position")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model: {self.d_model} is not divisible by n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
@@ -100,7 +129,7 @@ class ModelConfig(_Validated):
     def ffn_hidden(self) -> int:
         if self.d_ff is not None:
             return self.d_ff
-        if self.ffn == "gelu":
+        if self.ffn == "gelu" or (self.ffn == "moe" and self.moe.activation == "gelu"):
             return 4 * self.d_model
         # SwiGLU keeps the parameter count of a 4x GELU FFN: 2/3 * 4d, rounded up to 64.
         return 64 * ((8 * self.d_model // 3 + 63) // 64)

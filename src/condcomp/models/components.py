@@ -13,6 +13,8 @@ from torch import nn
 
 from condcomp.layers.attention import Attention
 from condcomp.layers.feedforward import FeedForward
+from condcomp.layers.moe import MoE
+from condcomp.routing import ExpertChoiceRouter, TopKRouter
 
 Builder = Callable[..., nn.Module]
 _REGISTRY: dict[str, dict[str, Builder]] = {"attention": {}, "ffn": {}, "block": {}}
@@ -63,3 +65,18 @@ def _swiglu(cfg, layer_idx: int) -> nn.Module:
 @register("ffn", "gelu")
 def _gelu(cfg, layer_idx: int) -> nn.Module:
     return FeedForward(d_model=cfg.d_model, d_ff=cfg.ffn_hidden, activation="gelu", dropout=cfg.dropout)
+
+
+@register("ffn", "moe")
+def _moe(cfg, layer_idx: int) -> nn.Module:
+    m = cfg.moe
+    if (layer_idx + 1) % m.moe_every:
+        return FeedForward(d_model=cfg.d_model, d_ff=cfg.ffn_hidden, activation=m.activation, dropout=cfg.dropout)
+    if m.router == "top_k":
+        router = TopKRouter(d_model=cfg.d_model, num_experts=m.num_experts, k=m.k,
+                            capacity_factor=m.capacity_factor, renormalize=m.renormalize, jitter=m.jitter)
+    else:
+        router = ExpertChoiceRouter(d_model=cfg.d_model, num_experts=m.num_experts,
+                                    capacity_factor=m.capacity_factor, mode=m.expert_choice_mode)
+    return MoE(d_model=cfg.d_model, d_ff=m.d_ff or cfg.ffn_hidden, num_experts=m.num_experts, router=router,
+               activation=m.activation, shared_expert_d_ff=m.shared_expert_d_ff)

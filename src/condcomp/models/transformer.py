@@ -81,7 +81,17 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight  # tied
+        self._refuse_look_ahead()
         self.reset_parameters()
+
+    def _refuse_look_ahead(self) -> None:
+        """A decoder must not contain a layer whose routing reads future tokens."""
+        for name, module in self.named_modules():
+            if getattr(module, "causal", True) is False:
+                raise ValueError(
+                    f"{name} ({type(module).__name__}) is not causal: its routing would let a token see later "
+                    "tokens, and the decoder would learn to cheat. Choose a causal scheme (e.g. "
+                    "expert_choice_mode: per_position)")
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
@@ -91,7 +101,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue
-            is_residual_out = name.endswith(("out.weight", "down.weight"))
+            is_residual_out = name.endswith(("out.weight", "down.weight", "experts.down"))
             nn.init.normal_(p, mean=0.0, std=residual_std if is_residual_out else std)
 
     def forward(self, tokens: torch.Tensor) -> ModelOutput:

@@ -1,0 +1,44 @@
+"""A bank of independent feed-forward experts stored as stacked weights."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from condcomp.layers.feedforward import ACTIVATIONS
+
+
+class Experts(nn.Module):
+    """e feed-forward experts. ``forward(g, x [m, d_model]) -> [m, d_model]`` runs expert g.
+
+    up:   [e, d_model, d_ff] (GELU) or [e, d_model, 2*d_ff] (SwiGLU: gate and up fused).
+    down: [e, d_ff, d_model].
+    """
+
+    def __init__(self, *, num_experts: int, d_model: int, d_ff: int, activation: str = "gelu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
+        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        width = 2 * d_ff if activation == "swiglu" else d_ff
+        self.up = nn.Parameter(torch.empty(num_experts, d_model, width))
+        self.down = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Same scale as nn.Linear's default for each expert.
+        nn.init.uniform_(self.up, -1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_model))
+        nn.init.uniform_(self.down, -1 / math.sqrt(self.d_ff), 1 / math.sqrt(self.d_ff))
+
+    def forward(self, g: int, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.up[g]
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return h @ self.down[g]

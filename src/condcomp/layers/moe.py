@@ -1,0 +1,59 @@
+"""Mixture-of-experts feed-forward layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from condcomp.dispatch import dispatch
+from condcomp.layers.experts import Experts
+from condcomp.layers.feedforward import FeedForward
+from condcomp.layers.info import LayerInfo
+from condcomp.routing import ExpertChoiceRouter, RoutingError, TopKRouter
+
+
+class MoE(nn.Module):
+    """y = sum over the experts routed to each token of weight * expert(x) (+ shared expert(x)).
+
+        moe = MoE(d_model=512, d_ff=2048, num_experts=8,
+                  router=TopKRouter(d_model=512, num_experts=8, k=2, capacity_factor=1.25))
+        y, info = moe(x)                  # x: [batch, seq, 512] -> y: same shape
+        loss = task_loss + 0.01 * info.aux_losses["load_balance"]
+
+    Args:
+        d_model, d_ff, num_experts: sizes of each expert FFN.
+        router: a TopKRouter or ExpertChoiceRouter built for (d_model, num_experts);
+            default Switch top-1 with capacity factor 1.25.
+        activation: "gelu" or "swiglu" for the experts.
+        shared_expert_d_ff: if set, a dense FFN of that width runs on every token and is added.
+    Returns (y, LayerInfo): the router's aux losses (load_balance, z_loss) and routing metrics
+    (tokens_per_expert, fraction_dropped, experts_per_token_hist, router_entropy).
+    """
+
+    def __init__(self, *, d_model: int, d_ff: int, num_experts: int, router: nn.Module | None = None,
+                 activation: str = "gelu", shared_expert_d_ff: int | None = None):
+        super().__init__()
+        router = router if router is not None else TopKRouter(d_model=d_model, num_experts=num_experts)
+        if not isinstance(router, (TopKRouter, ExpertChoiceRouter)):
+            raise RoutingError(f"router must be a TopKRouter or ExpertChoiceRouter, got {type(router).__name__}")
+        if router.d_model != d_model or router.num_experts != num_experts:
+            raise RoutingError(f"router was built for d_model={router.d_model}, num_experts={router.num_experts} "
+                               f"but the MoE has d_model={d_model}, num_experts={num_experts}")
+        self.d_model = d_model
+        self.router = router
+        self.experts = Experts(num_experts=num_experts, d_model=d_model, d_ff=d_ff, activation=activation)
+        self.shared = (FeedForward(d_model=d_model, d_ff=shared_expert_d_ff, activation=activation)
+                       if shared_expert_d_ff else None)
+
+    @property
+    def causal(self) -> bool:
+        return self.router.causal
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerInfo]:
+        """x: [batch, seq, d_model] or [n, d_model]; padding_mask: leading shape of x, True = real."""
+        routing = self.router(x, padding_mask)
+        flat = x.reshape(-1, self.d_model)
+        y = dispatch(flat, routing, self.experts)
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        return y.view(x.shape[:-1] + (y.shape[-1],)), LayerInfo(aux_losses=routing.aux_losses, metrics=routing.metrics)

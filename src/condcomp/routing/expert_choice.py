@@ -1,0 +1,129 @@
+"""Expert-choice routing (Zhou et al., 2022): each expert picks its top tokens."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from condcomp.routing.losses import router_z_loss
+from condcomp.routing.metrics import routing_metrics
+from condcomp.routing.types import Routing, RoutingError, flatten_tokens
+
+MODES = ("global", "per_position")
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Experts choose tokens: expert j takes the c tokens with the highest router probability S[:, j].
+
+    S = softmax over experts of x W; c = ceil(capacity_factor * tokens_in_group / experts);
+    combine weight = the picked score. A token may be picked by 0..e experts. Load is perfectly
+    balanced by construction, so no balance loss is needed (a z-loss is still returned).
+
+    HAZARD — mode="global" ranks all tokens of the batch against each other, future positions
+    included: a token's output depends on tokens that come after it. Use it only in encoders; a
+    decoder refuses to build with it (``causal`` is False).
+
+    mode="per_position" is the causal scheme for decoders:
+    - training: each position t is its own group; experts choose among the batch's tokens at
+      position t (c = ceil(capacity_factor * batch / experts)). Those tokens depend only on positions
+      <= t, so nothing reads the future; the competition is across sequences, not along time.
+    - inference (``eval()``): batch-independent thresholds. While training, each expert tracks an
+      exponential moving average of the score at its capacity boundary; at inference a token goes to
+      expert j iff S[i, j] >= threshold_j. Decisions depend on the token alone, so generation with
+      batch 1 behaves like training on average.
+    Trade-offs: per-position groups are small (the batch size), so selection is noisier than global
+    top-k; the threshold keeps compute per token right only on average — load is not capped at
+    inference and a token may get zero or all experts.
+
+    Args:
+        d_model, num_experts: sizes.
+        capacity_factor: > 0; 2 matches top-2 compute.
+        mode: "global" (encoders) or "per_position" (decoders).
+        threshold_momentum: EMA momentum of the inference thresholds (per_position mode).
+    """
+
+    def __init__(self, *, d_model: int, num_experts: int, capacity_factor: float = 2.0, mode: str = "global",
+                 threshold_momentum: float = 0.99):
+        super().__init__()
+        if num_experts < 1:
+            raise RoutingError(f"num_experts must be >= 1, got {num_experts}")
+        if capacity_factor is None or not capacity_factor > 0:
+            raise RoutingError(f"capacity_factor must be > 0 for expert choice, got {capacity_factor} "
+                               "(expert choice has no dropless form: capacity is what each expert picks)")
+        if mode not in MODES:
+            raise RoutingError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 0 <= threshold_momentum < 1:
+            raise RoutingError(f"threshold_momentum must be in [0, 1), got {threshold_momentum}")
+        self.d_model, self.num_experts = d_model, num_experts
+        self.capacity_factor = capacity_factor
+        self.mode = mode
+        self.momentum = threshold_momentum
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.register_buffer("thresholds", torch.zeros(num_experts))
+        self.register_buffer("thresholds_seen", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def causal(self) -> bool:
+        return self.mode == "per_position"
+
+    def capacity(self, group_tokens: int) -> int:
+        return min(group_tokens, math.ceil(self.capacity_factor * group_tokens / self.num_experts))
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> Routing:
+        """x: [batch, seq, d] or [n, d] (per_position needs [batch, seq, d]); padding_mask: True = real."""
+        flat, real, _ = flatten_tokens(x, padding_mask, self.d_model)
+        n, e = flat.shape[0], self.num_experts
+        with torch.autocast(flat.device.type, enabled=False):
+            logits = flat.float() @ self.gate.weight.float().t()  # [n, e]
+            probs = logits.softmax(dim=-1)
+        scores = probs.masked_fill(~real[:, None], float("-inf"))
+
+        if self.mode == "global":
+            vals, idx = scores.t().topk(self.capacity(int(real.sum())), dim=1)  # [e, c]
+        elif x.dim() != 3:
+            raise RoutingError("per_position expert choice needs input [batch, seq, d] to know the positions")
+        elif self.training:
+            vals, idx = self._per_position(scores, *x.shape[:2])
+        else:
+            vals, idx = self._thresholded(scores)
+        keep = torch.isfinite(vals)  # drops padding (and below-threshold slots)
+        token_index = idx[keep]
+        combine = vals[keep]
+        group_sizes = keep.sum(1)
+
+        served = torch.zeros(n, dtype=torch.bool, device=x.device)
+        served[token_index] = True
+        routing = Routing(token_index=token_index, group_sizes=group_sizes, combine_weights=combine, num_tokens=n,
+                          dropped=torch.zeros(n, dtype=torch.bool, device=x.device),
+                          aux_losses={"z_loss": router_z_loss(logits, real)})
+        routing.metrics = routing_metrics(probs, token_index, group_sizes, real, routing.dropped)
+        routing.metrics["fraction_unserved"] = (real & ~served).sum() / real.sum().clamp(min=1)
+        return routing
+
+    def _per_position(self, scores: torch.Tensor, b: int, t: int):
+        """Top-c among the batch at each position. scores [b*t, e] -> vals, idx: [e, t*c]."""
+        e = self.num_experts
+        c = self.capacity(b)
+        per_pos = scores.view(b, t, e).permute(1, 2, 0)  # [t, e, b]
+        vals, which_b = per_pos.topk(c, dim=-1)  # [t, e, c]
+        tok = which_b * t + torch.arange(t, device=scores.device)[:, None, None]
+        with torch.no_grad():
+            boundary = vals[..., -1]  # [t, e], score of the c-th pick
+            ok = torch.isfinite(boundary)
+            if ok.any():
+                mean_boundary = torch.where(ok, boundary, 0).sum(0) / ok.sum(0).clamp(min=1)
+                if not bool(self.thresholds_seen):
+                    self.thresholds.copy_(mean_boundary)
+                    self.thresholds_seen.fill_(True)
+                else:
+                    self.thresholds.mul_(self.momentum).add_((1 - self.momentum) * mean_boundary)
+        return vals.permute(1, 0, 2).reshape(e, -1), tok.permute(1, 0, 2).reshape(e, -1)
+
+    def _thresholded(self, scores: torch.Tensor):
+        """Inference: token i -> expert j iff S[i, j] >= threshold_j. Returns [e, n] with -inf for misses."""
+        picked = scores.t() >= self.thresholds[:, None]  # [e, n]; -inf (padding) never passes
+        idx = torch.arange(scores.shape[0], device=scores.device).expand_as(picked)
+        vals = torch.where(picked, scores.t(), float("-inf"))
+        return vals, idx
