@@ -9,9 +9,16 @@ from torch import nn
 
 from condcomp.routing.losses import router_z_loss
 from condcomp.routing.metrics import routing_metrics
-from condcomp.routing.types import Routing, RoutingError, flatten_tokens
+from condcomp.routing.types import Routing, RoutingError, flatten_tokens, router_dtype
 
 MODES = ("global", "per_position")
+
+
+def _top_tokens(scores: torch.Tensor, c: int):
+    """The c best entries along the last axis, ties going to the earlier token (deterministic,
+    unlike topk). scores [..., n] -> values, indices [..., c]."""
+    vals, idx = scores.sort(dim=-1, descending=True, stable=True)
+    return vals[..., :c], idx[..., :c]
 
 
 class ExpertChoiceRouter(nn.Module):
@@ -76,12 +83,13 @@ class ExpertChoiceRouter(nn.Module):
         flat, real, _ = flatten_tokens(x, padding_mask, self.d_model)
         n, e = flat.shape[0], self.num_experts
         with torch.autocast(flat.device.type, enabled=False):
-            logits = flat.float() @ self.gate.weight.float().t()  # [n, e]
+            h = flat.to(router_dtype(flat))
+            logits = h @ self.gate.weight.to(h.dtype).t()  # [n, e]
             probs = logits.softmax(dim=-1)
         scores = probs.masked_fill(~real[:, None], float("-inf"))
 
         if self.mode == "global":
-            vals, idx = scores.t().topk(self.capacity(int(real.sum())), dim=1)  # [e, c]
+            vals, idx = _top_tokens(scores.t(), self.capacity(int(real.sum())))  # [e, c]
         elif x.dim() != 3:
             raise RoutingError("per_position expert choice needs input [batch, seq, d] to know the positions")
         elif self.training:
@@ -107,7 +115,7 @@ class ExpertChoiceRouter(nn.Module):
         e = self.num_experts
         c = self.capacity(b)
         per_pos = scores.view(b, t, e).permute(1, 2, 0)  # [t, e, b]
-        vals, which_b = per_pos.topk(c, dim=-1)  # [t, e, c]
+        vals, which_b = _top_tokens(per_pos, c)  # [t, e, c]
         tok = which_b * t + torch.arange(t, device=scores.device)[:, None, None]
         with torch.no_grad():
             boundary = vals[..., -1]  # [t, e], score of the c-th pick

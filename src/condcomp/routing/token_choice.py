@@ -9,7 +9,7 @@ from torch import nn
 
 from condcomp.routing.losses import load_balance_loss, router_z_loss
 from condcomp.routing.metrics import routing_metrics
-from condcomp.routing.types import Routing, RoutingError, flatten_tokens
+from condcomp.routing.types import Routing, RoutingError, flatten_tokens, router_dtype
 
 
 class TopKRouter(nn.Module):
@@ -61,10 +61,10 @@ class TopKRouter(nn.Module):
         n, e, k = flat.shape[0], self.num_experts, self.k
         # Routing decisions in fp32 even under bf16 autocast: top-k ties and softmax need the precision.
         with torch.autocast(flat.device.type, enabled=False):
-            h = flat.float()
+            h = flat.to(router_dtype(flat))
             if self.training and self.jitter > 0:
                 h = h * torch.empty_like(h).uniform_(1 - self.jitter, 1 + self.jitter)
-            logits = h @ self.gate.weight.float().t()  # [n, e]
+            logits = h @ self.gate.weight.to(h.dtype).t()  # [n, e]
             probs = logits.softmax(dim=-1)
             top_p, top_e = probs.topk(k, dim=-1)  # [n, k]
             gates = top_p / top_p.sum(-1, keepdim=True) if self.renormalize else top_p

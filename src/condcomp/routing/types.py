@@ -72,3 +72,8 @@ def flatten_tokens(x: torch.Tensor, padding_mask: torch.Tensor | None, d_model: 
     if not torch.isfinite(flat).all():
         raise RoutingError("router input contains NaN or inf; check the layers before it (or lower the learning rate)")
     return flat, real, order
+
+
+def router_dtype(x: torch.Tensor) -> torch.dtype:
+    """Routing runs in at least fp32 (bf16 top-k ties and softmax are too coarse), float64 kept."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
