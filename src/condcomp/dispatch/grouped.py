@@ -30,8 +30,35 @@ def dispatch(x: torch.Tensor, routing: Routing, group_fn: GroupFn, d_out: int | 
     if not outs:
         return x.new_zeros(x.shape[0], d_out or x.shape[1])
     ys = torch.cat(outs) if len(outs) > 1 else outs[0]
-    ys = ys * routing.combine_weights.to(ys.dtype)[:, None]
-    return ys.new_zeros(x.shape[0], ys.shape[1]).index_add(0, routing.token_index, ys)
+    return WeightedScatter.apply(ys, routing.combine_weights, routing.token_index, x.shape[0])
+
+
+def weighted_scatter_reference(ys: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """out[index[a]] += weights[a] * ys[a], with plain autograd ops (keeps both ys and ys*w alive)."""
+    scaled = ys * weights.to(ys.dtype)[:, None]
+    return scaled.new_zeros(n, ys.shape[1]).index_add(0, index, scaled)
+
+
+class WeightedScatter(torch.autograd.Function):
+    """out [n, d] = scatter-add over assignments a of weights[a] * ys[a] into row index[a].
+
+    Same result as ``weighted_scatter_reference``, but saves only ys (not also the weighted copy that
+    index_add would keep), one [assignments, d] tensor less per MoE layer in training.
+    """
+
+    @staticmethod
+    def forward(ctx, ys, weights, index, n):
+        ctx.save_for_backward(ys, weights, index)
+        out = ys.new_zeros(n, ys.shape[1])
+        return out.index_add_(0, index, ys * weights.to(ys.dtype)[:, None])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ys, weights, index = ctx.saved_tensors
+        g = grad_out.index_select(0, index)  # [a, d]
+        grad_ys = g * weights.to(g.dtype)[:, None] if ctx.needs_input_grad[0] else None
+        grad_w = (g * ys).sum(-1).to(weights.dtype) if ctx.needs_input_grad[1] else None
+        return grad_ys, grad_w, None, None
 
 
 def dispatch_reference(x: torch.Tensor, routing: Routing, group_fn: GroupFn) -> torch.Tensor:
