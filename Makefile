@@ -27,7 +27,9 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	$(BIN)/python -m pip install --quiet -e ".[all,peers]"
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/moe.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
