@@ -235,7 +235,7 @@ class Trainer:
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         for name, value in out.aux_losses.items():
-            record[f"aux.{name}"] = float(value)
+            record[f"aux.{name}"] = float(value.detach())
         record.update(_scalar_metrics(out.metrics))
         return loss.item(), record
 
