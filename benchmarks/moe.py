@@ -15,18 +15,13 @@ routing overhead adds to; parameters and their gradients are the same for every 
 from __future__ import annotations
 
 import argparse
-import contextlib
-
 import torch
 import torch.utils.benchmark as tb
 
 from condcomp.layers import FeedForward
 from condcomp.layers.moe import MoE
 from condcomp.routing import ExpertChoiceRouter, TopKRouter
-
-
-def autocast(dtype):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+from condcomp.train.trainer import autocast
 
 
 def saved_bytes(fn, params: set[int]) -> int:
