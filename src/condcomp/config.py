@@ -95,6 +95,39 @@ class MoEConfig(_Validated):
 
 
 @dataclass
+class MoDConfig(_Validated):
+    """Settings of ``block: mod`` (mixture-of-depths)."""
+
+    capacity: float = _field(0.125, gt=0.0, le=1.0, help="fraction of each sequence's tokens the block computes")
+    every: int = _field(2, ge=1, help="layer i is MoD when (i + 1) % every == 0; others dense (the paper: 2)")
+    causal_scheme: str = _field("aux_loss", choices=("aux_loss", "predictor"),
+                                help="how inference decides causally: router logit > 0, or a stop-gradient predictor")
+
+
+@dataclass
+class SkipConfig(_Validated):
+    """Settings of ``block: skip`` (learned per-token layer skipping)."""
+
+    target_rate: float = _field(0.5, gt=0.0, le=1.0, help="fraction of tokens that should run each skippable block")
+    every: int = _field(1, ge=1, help="layer i is skippable when (i + 1) % every == 0")
+    temperature: float = _field(1.0, gt=0.0, help="Gumbel-softmax temperature")
+
+
+@dataclass
+class ConditionalConfig(_Validated):
+    """Settings of ``ffn: conditional`` and ``attention: conditional`` (CoLT5), decoder form."""
+
+    capacity: float = _field(0.125, gt=0.0, le=1.0, help="fraction of tokens routed to the heavy FFN")
+    light_d_ff: int | None = _field(None, ge=1, help="default: half the dense FFN's hidden size")
+    heavy_d_ff: int | None = _field(None, ge=1, help="default: 4x the dense FFN's hidden size")
+    activation: str = _field("gelu", choices=("gelu", "swiglu"))
+    window: int = _field(32, ge=1, help="light attention looks back this many tokens")
+    light_heads: int | None = _field(None, ge=1, help="default: a quarter of n_heads (at least 1)")
+    q_capacity: float = _field(0.125, gt=0.0, le=1.0)
+    kv_capacity: float = _field(0.25, gt=0.0, le=1.0)
+
+
+@dataclass
 class ModelConfig(_Validated):
     """Decoder LM shape and the named component used for each part of a block."""
 
@@ -112,6 +145,9 @@ class ModelConfig(_Validated):
     rope_base: float = _field(10000.0, gt=1.0)
     init_std: float = _field(0.02, gt=0.0)
     moe: MoEConfig = _field(default_factory=MoEConfig)
+    mod: MoDConfig = _field(default_factory=MoDConfig)
+    skip: SkipConfig = _field(default_factory=SkipConfig)
+    conditional: ConditionalConfig = _field(default_factory=ConditionalConfig)
 
     def check(self) -> None:
         if self.ffn == "moe" and self.moe.router == "expert_choice" and self.moe.expert_choice_mode == "global":
@@ -168,7 +204,8 @@ class TrainConfig(_Validated):
     flops_every: int = _field(1, ge=1, help="count executed FLOPs exactly every N steps; steps in between reuse the last count")
     threads: int | None = _field(None, ge=1, help="torch intra-op threads; default: all cores")
     aux_loss_weights: dict[str, float] = _field(
-        default_factory=lambda: {"load_balance": 0.01, "z_loss": 0.001},
+        default_factory=lambda: {"load_balance": 0.01, "z_loss": 0.001, "router_bce": 0.1, "predictor_bce": 1.0,
+                                 "skip_rate": 1.0},
         help="weight of each auxiliary loss a layer returns, by name",
     )
     progress: bool = _field(True, help="show a progress bar")

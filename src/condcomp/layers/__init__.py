@@ -1,9 +1,15 @@
 """Drop-in PyTorch layers."""
 
 from condcomp.layers.attention import Attention
+from condcomp.layers.conditional import ConditionalAttention, ConditionalFeedForward
 from condcomp.layers.feedforward import FeedForward
 from condcomp.layers.info import LayerInfo
+from condcomp.layers.kv_cache import KVCache, ModelCache
+from condcomp.layers.local_attention import LocalAttention
+from condcomp.layers.moe import MoE
 from condcomp.layers.norm import RMSNorm
 from condcomp.layers.rotary import Rotary
+from condcomp.layers.selected_block import LayerSkip, MixtureOfDepths
 
-__all__ = ["Attention", "FeedForward", "LayerInfo", "RMSNorm", "Rotary"]
+__all__ = ["Attention", "ConditionalAttention", "ConditionalFeedForward", "FeedForward", "KVCache", "LayerInfo",
+           "LayerSkip", "LocalAttention", "MixtureOfDepths", "MoE", "ModelCache", "RMSNorm", "Rotary"]

@@ -26,7 +26,8 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(d_ff, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """padding_mask is accepted for a uniform FFN interface; a dense FFN treats tokens independently."""
         h = self.up(x)
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)

@@ -18,6 +18,15 @@ class LayerInfo:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
+    def add(self, prefix: str, other: "LayerInfo | None") -> "LayerInfo":
+        """Merge another layer's info: aux losses summed by name, metrics under ``prefix.``."""
+        if other is not None:
+            for name, value in other.aux_losses.items():
+                self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
+            for name, value in other.metrics.items():
+                self.metrics[f"{prefix}.{name}" if prefix else name] = value
+        return self
+
 
 def split_output(out) -> tuple[torch.Tensor, LayerInfo | None]:
     """Layers return ``y`` or ``(y, LayerInfo)``; normalise to the pair."""

@@ -12,6 +12,7 @@ from typing import Callable
 from torch import nn
 
 from condcomp.layers.attention import Attention
+from condcomp.layers.conditional import ConditionalAttention, ConditionalFeedForward
 from condcomp.layers.feedforward import FeedForward
 from condcomp.layers.moe import MoE
 from condcomp.routing import ExpertChoiceRouter, TopKRouter
@@ -80,3 +81,19 @@ def _moe(cfg, layer_idx: int) -> nn.Module:
                                     capacity_factor=m.capacity_factor, mode=m.expert_choice_mode)
     return MoE(d_model=cfg.d_model, d_ff=m.d_ff or cfg.ffn_hidden, num_experts=m.num_experts, router=router,
                activation=m.activation, shared_expert_d_ff=m.shared_expert_d_ff)
+
+
+@register("ffn", "conditional")
+def _conditional_ffn(cfg, layer_idx: int) -> nn.Module:
+    c = cfg.conditional
+    return ConditionalFeedForward(d_model=cfg.d_model, light_d_ff=c.light_d_ff or max(1, cfg.ffn_hidden // 2),
+                                  heavy_d_ff=c.heavy_d_ff or 4 * cfg.ffn_hidden, capacity=c.capacity, causal=True,
+                                  activation=c.activation, dropout=cfg.dropout)
+
+
+@register("attention", "conditional")
+def _conditional_attention(cfg, layer_idx: int) -> nn.Module:
+    c = cfg.conditional
+    return ConditionalAttention(d_model=cfg.d_model, n_heads=cfg.n_heads, max_len=cfg.seq_len, causal=True,
+                                window=c.window, light_heads=c.light_heads, q_capacity=c.q_capacity,
+                                kv_capacity=c.kv_capacity, rope_base=cfg.rope_base, dropout=cfg.dropout)

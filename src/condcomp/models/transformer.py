@@ -15,9 +15,13 @@ import torch
 from torch import nn
 
 from condcomp.config import ModelConfig
+from condcomp.layers.attention import Attention
 from condcomp.layers.info import LayerInfo, split_output
+from condcomp.layers.kv_cache import ModelCache
 from condcomp.layers.norm import RMSNorm
+from condcomp.layers.selected_block import LayerSkip, MixtureOfDepths
 from condcomp.models import components
+from condcomp.routing import BinaryGate
 
 
 @dataclass
@@ -48,7 +52,13 @@ class AuxCollector:
 
 @components.register("block", "transformer")
 class TransformerBlock(nn.Module):
-    """x + attn(norm(x)), then + ffn(norm(x)). x: [batch, seq, d_model]."""
+    """x + attn(norm(x)), then + ffn(norm(x)).
+
+    The block interface every block type shares:
+    ``forward(x [b, t, d], padding_mask=None, positions=None, cache=None) -> (y, LayerInfo)``.
+    padding_mask [b, t]: True = real token. positions [b, t]: original positions when the block runs
+    on tokens gathered from a longer sequence. cache: a ModelCache for incremental decoding.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -58,13 +68,47 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = components.build("ffn", cfg.ffn, cfg, layer_idx)
 
-    def forward(self, x: torch.Tensor, aux: AuxCollector) -> torch.Tensor:
-        y, info = split_output(self.attn(self.attn_norm(x)))
-        aux.add(f"layer{self.layer_idx}.attn", info)
+    @property
+    def supports_cache(self) -> bool:
+        return isinstance(self.attn, Attention)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: ModelCache | None = None):
+        info = LayerInfo()
+        kv = None
+        if cache is not None:
+            kv = cache.layer(f"layer{self.layer_idx}.attn")
+            if positions is None:
+                positions = (cache.offset + torch.arange(x.shape[1], device=x.device)).expand(x.shape[:2])
+        if positions is None and kv is None:
+            out = self.attn(self.attn_norm(x), padding_mask=padding_mask)
+        else:
+            out = self.attn(self.attn_norm(x), padding_mask=padding_mask, positions=positions, cache=kv)
+        y, attn_info = split_output(out)
+        info.add("attn", attn_info)
         x = x + y
-        y, info = split_output(self.ffn(self.ffn_norm(x)))
-        aux.add(f"layer{self.layer_idx}.ffn", info)
-        return x + y
+        y, ffn_info = split_output(self.ffn(self.ffn_norm(x), padding_mask=padding_mask))
+        info.add("ffn", ffn_info)
+        return x + y, info
+
+
+@components.register("block", "mod")
+def _mod_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """Mixture-of-depths on every ``mod.every``-th layer, dense blocks between."""
+    block = TransformerBlock(cfg, layer_idx)
+    if (layer_idx + 1) % cfg.mod.every:
+        return block
+    return MixtureOfDepths(block, d_model=cfg.d_model, capacity=cfg.mod.capacity, weighting="sigmoid",
+                           causal_scheme=cfg.mod.causal_scheme)
+
+
+@components.register("block", "skip")
+def _skip_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """Learned per-token skipping on every ``skip.every``-th layer."""
+    block = TransformerBlock(cfg, layer_idx)
+    if (layer_idx + 1) % cfg.skip.every:
+        return block
+    return LayerSkip(block, d_model=cfg.d_model, target_rate=cfg.skip.target_rate, temperature=cfg.skip.temperature)
 
 
 class Transformer(nn.Module):
@@ -103,18 +147,34 @@ class Transformer(nn.Module):
                 continue
             is_residual_out = name.endswith(("out.weight", "down.weight", "experts.down"))
             nn.init.normal_(p, mean=0.0, std=residual_std if is_residual_out else std)
+        for module in self.modules():
+            if isinstance(module, BinaryGate):
+                module.reset_parameters()  # its bias makes tokens start by running the block
 
-    def forward(self, tokens: torch.Tensor) -> ModelOutput:
+    def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None) -> ModelOutput:
+        """tokens: [batch, seq] int64. cache: continue from the tokens a ModelCache has seen
+        (incremental decoding, inference mode only); it is advanced by seq."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
-        if tokens.shape[1] > self.cfg.seq_len:
-            raise ValueError(f"sequence length {tokens.shape[1]} exceeds model seq_len {self.cfg.seq_len}")
+        end = tokens.shape[1] + (cache.offset if cache is not None else 0)
+        if end > self.cfg.seq_len:
+            raise ValueError(f"sequence length {end} exceeds model seq_len {self.cfg.seq_len}")
+        if cache is not None and not self.supports_cache:
+            raise ValueError("this model has a layer that cannot decode incrementally; call without a cache")
         aux = AuxCollector()
         x = self.drop(self.embed(tokens))
-        for block in self.blocks:
-            x = block(x, aux)
+        for i, block in enumerate(self.blocks):
+            x, info = split_output(block(x, cache=cache))
+            aux.add(f"layer{i}", info)
+        if cache is not None:
+            cache.offset = end
         logits = self.lm_head(self.norm(x))
         return ModelOutput(logits=logits, aux_losses=dict(aux.losses), metrics=aux.metrics)
+
+    @property
+    def supports_cache(self) -> bool:
+        """True when every block can decode incrementally with a key/value cache."""
+        return all(getattr(getattr(b, "block", b), "supports_cache", False) for b in self.blocks)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -124,14 +184,20 @@ class Transformer(nn.Module):
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample continuations. prompt: [batch, t] int64 -> [batch, t + max_new_tokens].
 
-        Recomputes the (cropped) context each step: simple, and exact for every block type.
+        With a key/value cache (every block supports it, and the text fits in seq_len) each step
+        processes one new token; otherwise each step recomputes the context, cropped to seq_len.
+        In inference mode both give the same logits (tested).
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         out = prompt
-        for _ in range(max_new_tokens):
-            context = out[:, -self.cfg.seq_len :]
-            logits = self(context).logits[:, -1, :].float()
+        use_cache = self.supports_cache and prompt.shape[1] + max_new_tokens <= self.cfg.seq_len
+        cache = ModelCache() if use_cache else None
+        for step in range(max_new_tokens):
+            if cache is not None:
+                logits = self(out if step == 0 else out[:, -1:], cache=cache).logits[:, -1, :].float()
+            else:
+                logits = self(out[:, -self.cfg.seq_len :]).logits[:, -1, :].float()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:

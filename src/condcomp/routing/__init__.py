@@ -1,8 +1,12 @@
 """Routers: scores -> Routing. One vocabulary for every conditional technique."""
 
 from condcomp.routing.expert_choice import ExpertChoiceRouter
+from condcomp.routing.gate import BinaryGate
 from condcomp.routing.losses import load_balance_loss, router_z_loss
+from condcomp.routing.soft_top_k import soft_top_k
 from condcomp.routing.token_choice import TopKRouter
+from condcomp.routing.token_select import TokenSelectRouter
 from condcomp.routing.types import Routing, RoutingError
 
-__all__ = ["ExpertChoiceRouter", "Routing", "RoutingError", "TopKRouter", "load_balance_loss", "router_z_loss"]
+__all__ = ["BinaryGate", "ExpertChoiceRouter", "Routing", "RoutingError", "TokenSelectRouter", "TopKRouter",
+           "load_balance_loss", "router_z_loss", "soft_top_k"]

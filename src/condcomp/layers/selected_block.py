@@ -1,0 +1,89 @@
+"""Blocks that run only on the tokens a router selects: mixture-of-depths and learned layer skipping.
+
+A wrapped block has the block interface of ``condcomp.models``:
+``block(x [b, t, d], padding_mask=None, positions=None, cache=None) -> x + update`` (or with a
+LayerInfo). The wrapper gathers each sequence's selected tokens in position order, runs the block
+on them alone (so attention is among the selected tokens, at their original rotary positions), and
+adds ``weight * update`` back; unselected tokens pass through unchanged and, in incremental
+decoding, write nothing into the block's key/value cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from condcomp.dispatch.sequences import SequencePack, dispatch_sequences
+from condcomp.layers.info import LayerInfo, split_output
+from condcomp.routing import BinaryGate, TokenSelectRouter
+
+
+class _SelectedBlock(nn.Module):
+    def __init__(self, block: nn.Module, router: nn.Module):
+        super().__init__()
+        self.block = block
+        self.router = router
+
+    @property
+    def causal(self) -> bool:
+        return bool(getattr(self.router, "causal", False)) and bool(getattr(self.block, "causal", True))
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache=None) -> tuple[torch.Tensor, LayerInfo]:
+        """x: [batch, seq, d]. Returns (y [batch, seq, d], LayerInfo with the router's losses/metrics
+        under "router." and the inner block's under "block.")."""
+        b, t, d = x.shape
+        if positions is None:
+            offset = cache.offset if cache is not None else 0
+            positions = (offset + torch.arange(t, device=x.device)).expand(b, t)
+        routing = self.router(x, padding_mask)
+        info = LayerInfo().add("router", LayerInfo(routing.aux_losses, routing.metrics))
+        flat_positions = positions.reshape(-1)
+
+        def run(xs: torch.Tensor, pack: SequencePack) -> torch.Tensor:
+            out, inner = split_output(self.block(xs, padding_mask=None if pack.all_valid else pack.valid,
+                                                 positions=flat_positions[pack.index], cache=cache))
+            info.add("block", inner)
+            return out - xs
+
+        update = dispatch_sequences(x, routing, run)
+        return x + update.view(b, t, d).to(x.dtype), info
+
+
+class MixtureOfDepths(_SelectedBlock):
+    """Mixture-of-depths (Raposo et al., 2024): the whole block runs on the top ``capacity`` fraction
+    of each sequence's tokens; x_i <- x_i + w_i * (block(X_sel)_i - x_i); the rest skip it.
+
+        mod = MixtureOfDepths(block, d_model=512, capacity=0.125)   # decoder: causal by default
+        y, info = mod(x)                                            # x: [batch, seq, 512]
+        loss = lm_loss + 0.01 * info.aux_losses["router_bce"]
+
+    Args:
+        block: a block with the interface in this module's docstring (e.g. TransformerBlock).
+        d_model, capacity: router input size; fraction of tokens computed, (0, 1].
+        weighting, causal_scheme: see ``TokenSelectRouter``. The defaults (sigmoid weights, router
+            logit trained to predict top-k membership, thresholded at inference) are the causal form
+            for decoders; encoders may use weighting="soft_top_k", causal_scheme=None.
+        router: a ready TokenSelectRouter instead of building one.
+    """
+
+    def __init__(self, block: nn.Module, *, d_model: int, capacity: float = 0.125, weighting: str = "sigmoid",
+                 causal_scheme: str | None = "aux_loss", router: TokenSelectRouter | None = None):
+        router = router or TokenSelectRouter(d_model=d_model, capacity=capacity, weighting=weighting,
+                                             causal_scheme=causal_scheme)
+        super().__init__(block, router)
+
+
+class LayerSkip(_SelectedBlock):
+    """Learned per-token layer skipping (papers.md section 6): a binary gate per token decides
+    whether the block runs on it (straight-through Gumbel-softmax in training, argmax at inference).
+    Causal by construction. Aux loss "skip_rate" pulls the run rate toward ``target_rate``.
+
+        skip = LayerSkip(block, d_model=512, target_rate=0.5)
+        y, info = skip(x)
+    """
+
+    def __init__(self, block: nn.Module, *, d_model: int, target_rate: float = 0.5, temperature: float = 1.0,
+                 router: BinaryGate | None = None):
+        router = router or BinaryGate(d_model=d_model, target_rate=target_rate, temperature=temperature)
+        super().__init__(block, router)
