@@ -165,7 +165,8 @@ class ModelConfig(_Validated):
     def ffn_hidden(self) -> int:
         if self.d_ff is not None:
             return self.d_ff
-        if self.ffn == "gelu" or (self.ffn == "moe" and self.moe.activation == "gelu"):
+        if (self.ffn == "gelu" or (self.ffn == "moe" and self.moe.activation == "gelu")
+                or (self.ffn == "conditional" and self.conditional.activation == "gelu")):
             return 4 * self.d_model
         # SwiGLU keeps the parameter count of a 4x GELU FFN: 2/3 * 4d, rounded up to 64.
         return 64 * ((8 * self.d_model // 3 + 63) // 64)
