@@ -16,42 +16,14 @@ from __future__ import annotations
 
 import argparse
 import torch
-import torch.utils.benchmark as tb
 
+from condcomp.bench import parameter_storages, prepare, timed_pair
 from condcomp.layers import FeedForward
 from condcomp.layers.moe import MoE
 from condcomp.routing import ExpertChoiceRouter, TopKRouter
-from condcomp.train.trainer import autocast
-
-
-def saved_bytes(fn, params: set[int]) -> int:
-    """Activation bytes kept for backward by one forward of fn (unique storages, parameters excluded),
-    plus its output."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fn()
-    return sum(seen.values()) + y.numel() * y.element_size()
 
 
 MODULES: list[torch.nn.Module] = []  # every layer benchmarked, so parameter storages can be excluded
-
-
-def timed_pair(fn, ref_fn, rounds: int) -> tuple[float, float]:
-    """Median seconds of fn and of ref_fn, timed alternately round by round so that drift in the
-    machine's speed (frequency, the other core) hits both alike."""
-    timers = [tb.Timer("f()", globals={"f": f}, num_threads=torch.get_num_threads()) for f in (fn, ref_fn)]
-    a, b = [], []
-    for _ in range(rounds):
-        a.append(timers[0].timeit(1).median)
-        b.append(timers[1].timeit(1).median)
-    return sorted(a)[rounds // 2], sorted(b)[rounds // 2]
 
 
 def ideal_fn(experts, x_sorted: torch.Tensor, sizes: list[int]):
@@ -62,29 +34,10 @@ def ideal_fn(experts, x_sorted: torch.Tensor, sizes: list[int]):
     return run
 
 
-def prepare(make_forward, x, dtype):
+def prepare_row(make_forward, x, dtype):
     """(forward-only callable, forward+backward callable, activation bytes) for y = make_forward()(x)."""
-    fwd = make_forward()
-
-    def f_only():
-        with torch.no_grad(), autocast(dtype):
-            fwd(x)
-
-    xg = x.detach().requires_grad_(True)
-
-    def f_fwd():
-        with autocast(dtype):
-            return fwd(xg)
-
-    out = f_fwd()
-    grad = torch.randn_like(out)
-
-    def f_both():
-        f_fwd().backward(grad)
-
-    f_only(), f_both()  # warm-up
-    params = {p.untyped_storage().data_ptr() for m in MODULES for p in m.parameters()}
-    return f_only, f_both, saved_bytes(f_fwd, params)
+    p = prepare(make_forward(), x, dtype, parameter_storages(MODULES))
+    return p.forward, p.both, p.act_bytes
 
 
 def main() -> None:
@@ -176,7 +129,7 @@ def main() -> None:
                   f"{'act MiB':>8} {'x ideal':>8}")
         print(header)
         print("-" * len(header))
-        prepared = {name: prepare(make, x, dtype) for name, make, _, _ in rows}
+        prepared = {name: prepare_row(make, x, dtype) for name, make, _, _ in rows}
         for name, _, ideal_name, assigned in rows:
             f_only, f_both, mem = prepared[name]
             if ideal_name:

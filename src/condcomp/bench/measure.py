@@ -1,0 +1,74 @@
+"""Timing and activation-memory helpers for benchmark scripts (tables, never timed tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.utils.benchmark as tb
+
+from condcomp.train.trainer import autocast
+
+
+def parameter_storages(modules: Iterable[torch.nn.Module]) -> set[int]:
+    """Storage addresses of the modules' parameters (excluded from activation memory)."""
+    return {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor], params: set[int]) -> int:
+    """Activation bytes kept for backward by one call of fn (unique storages, parameters excluded),
+    plus its output: the activation memory of forward+backward."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn()
+    return sum(seen.values()) + y.numel() * y.element_size()
+
+
+def timed_pair(fn: Callable[[], object], ref_fn: Callable[[], object], rounds: int) -> tuple[float, float]:
+    """Median seconds of fn and of ref_fn, timed alternately round by round so that drift in the
+    machine's speed (frequency, the other core) hits both alike."""
+    timers = [tb.Timer("f()", globals={"f": f}, num_threads=torch.get_num_threads()) for f in (fn, ref_fn)]
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(timers[0].timeit(1).median)
+        b.append(timers[1].timeit(1).median)
+    return sorted(a)[rounds // 2], sorted(b)[rounds // 2]
+
+
+@dataclass
+class Prepared:
+    """forward: no-grad forward; both: forward+backward; act_bytes: activation memory of ``both``."""
+
+    forward: Callable[[], None]
+    both: Callable[[], None]
+    act_bytes: int
+
+
+def prepare(fwd: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, precision: str, params: set[int]) -> Prepared:
+    """Callables timing y = fwd(x) under the trainer's autocast for ``precision`` (fp32|bf16)."""
+
+    def f_only():
+        with torch.no_grad(), autocast(precision):
+            fwd(x)
+
+    xg = x.detach().requires_grad_(True)
+
+    def f_fwd():
+        with autocast(precision):
+            return fwd(xg)
+
+    grad = torch.randn_like(f_fwd())
+
+    def f_both():
+        f_fwd().backward(grad)
+
+    f_only(), f_both()  # warm-up
+    return Prepared(f_only, f_both, saved_bytes(f_fwd, params))
