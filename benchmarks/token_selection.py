@@ -29,7 +29,13 @@ from condcomp.models.transformer import TransformerBlock
 def table(title: str, rows, x: torch.Tensor, dtype: str, rounds: int) -> None:
     """rows: (name, forward fn, reference name or None). Prints times and ratios to the reference."""
     params = parameter_storages(m for _, fn, _ in rows for m in getattr(fn, "modules", []))
-    prepared = {name: prepare(fn, x, dtype, params) for name, fn, _ in rows}
+    prepared = {}
+    for name, fn, _ in rows:
+        try:
+            prepared[name] = prepare(fn, x, dtype, params)
+        except RuntimeError as e:  # a peer that does not run under this precision
+            print(f"({name}: fails under {dtype}: {str(e).splitlines()[0][:100]})")
+    rows = [r for r in rows if r[0] in prepared]
     header = f"{dtype:>4} {title:44} {'fwd ms':>8} {'ratio':>7} {'fwd+bwd ms':>10} {'ratio':>7} {'act MiB':>8} {'ratio':>7}"
     print(header)
     print("-" * len(header))

@@ -9,7 +9,7 @@ from torch import nn
 
 from condcomp.routing.losses import router_z_loss
 from condcomp.routing.metrics import routing_metrics
-from condcomp.routing.types import Routing, RoutingError, flatten_tokens, router_dtype
+from condcomp.routing.types import Routing, RoutingError, check_finite, flatten_tokens, router_dtype
 
 MODES = ("global", "per_position")
 
@@ -85,6 +85,7 @@ class ExpertChoiceRouter(nn.Module):
         with torch.autocast(flat.device.type, enabled=False):
             h = flat.to(router_dtype(flat))
             logits = h @ self.gate.weight.to(h.dtype).t()  # [n, e]
+            check_finite(logits)
             probs = logits.softmax(dim=-1)
         scores = probs.masked_fill(~real[:, None], float("-inf"))
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condcomp.routing.types import Routing, RoutingError, flatten_tokens, router_dtype
+from condcomp.routing.types import Routing, RoutingError, check_finite, flatten_tokens, router_dtype
 
 
 class BinaryGate(nn.Module):
@@ -50,6 +50,7 @@ class BinaryGate(nn.Module):
         with torch.autocast(flat.device.type, enabled=False):
             h = flat.to(router_dtype(flat))
             logits = h @ self.gate.weight.to(h.dtype).t() + self.gate.bias.to(h.dtype)  # [n, 2]
+            check_finite(logits)
             if self.training:
                 run_w = F.gumbel_softmax(logits, tau=self.temperature, hard=True)[:, 1]  # 0/1, soft grad
             else:

@@ -9,7 +9,7 @@ from torch import nn
 
 from condcomp.routing.losses import load_balance_loss, router_z_loss
 from condcomp.routing.metrics import routing_metrics
-from condcomp.routing.types import Routing, RoutingError, flatten_tokens, router_dtype
+from condcomp.routing.types import Routing, RoutingError, check_finite, flatten_tokens, router_dtype
 
 
 class TopKRouter(nn.Module):
@@ -65,6 +65,7 @@ class TopKRouter(nn.Module):
             if self.training and self.jitter > 0:
                 h = h * torch.empty_like(h).uniform_(1 - self.jitter, 1 + self.jitter)
             logits = h @ self.gate.weight.to(h.dtype).t()  # [n, e]
+            check_finite(logits)
             probs = logits.softmax(dim=-1)
             top_p, top_e = probs.topk(k, dim=-1)  # [n, k]
             gates = top_p / top_p.sum(-1, keepdim=True) if self.renormalize else top_p

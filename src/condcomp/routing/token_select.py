@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condcomp.routing.soft_top_k import soft_top_k
-from condcomp.routing.types import Routing, RoutingError, flatten_tokens, router_dtype
+from condcomp.routing.types import Routing, RoutingError, check_finite, flatten_tokens, router_dtype
 
 WEIGHTINGS = ("soft_top_k", "sigmoid")
 CAUSAL_SCHEMES = (None, "aux_loss", "predictor")
@@ -88,6 +88,7 @@ class TokenSelectRouter(nn.Module):
         with torch.autocast(flat.device.type, enabled=False):
             h = flat.to(router_dtype(flat))
             s = (h @ self.score.weight.to(h.dtype).t()).view(b, t)
+            check_finite(s)
             k = self.tokens_per_sequence(real.sum(1))
             top = top_k_per_row(s.detach().masked_fill(~real, float("-inf")), k) & real
             aux, metrics = {}, {}
