@@ -132,7 +132,7 @@ def test_mod_at_full_capacity_with_soft_top_k_equals_the_dense_block():
 def test_mod_at_full_capacity_with_sigmoid_weights_scales_the_dense_update():
     cfg = tiny_cfg()
     dense, twin = _copy_block(cfg)
-    mod = MixtureOfDepths(twin, d_model=32, capacity=1.0).double()
+    mod = MixtureOfDepths(twin, capacity=1.0).double()
     x = torch.randn(2, 16, 32, dtype=torch.float64)
     y_dense, _ = dense(x)
     w = torch.sigmoid(mod.router.score(x))
@@ -143,7 +143,7 @@ def test_mod_at_full_capacity_with_sigmoid_weights_scales_the_dense_update():
 def test_skip_with_every_token_running_equals_the_dense_block():
     cfg = tiny_cfg()
     dense, twin = _copy_block(cfg)
-    skip = LayerSkip(twin, d_model=32).double().eval()
+    skip = LayerSkip(twin).double().eval()
     with torch.no_grad():
         skip.router.gate.bias.copy_(torch.tensor([-100.0, 100.0]))  # every token runs
     x = torch.randn(2, 16, 32, dtype=torch.float64)

@@ -18,6 +18,13 @@ from condcomp.layers.info import LayerInfo, split_output
 from condcomp.routing import BinaryGate, TokenSelectRouter
 
 
+def _width(block: nn.Module, d_model: int | None) -> int:
+    d_model = d_model if d_model is not None else getattr(block, "d_model", None)
+    if d_model is None:
+        raise ValueError(f"pass d_model=...: {type(block).__name__} has no d_model attribute to read it from")
+    return d_model
+
+
 class _SelectedBlock(nn.Module):
     def __init__(self, block: nn.Module, router: nn.Module):
         super().__init__()
@@ -54,22 +61,24 @@ class MixtureOfDepths(_SelectedBlock):
     """Mixture-of-depths (Raposo et al., 2024): the whole block runs on the top ``capacity`` fraction
     of each sequence's tokens; x_i <- x_i + w_i * (block(X_sel)_i - x_i); the rest skip it.
 
-        mod = MixtureOfDepths(block, d_model=512, capacity=0.125)   # decoder: causal by default
+        mod = MixtureOfDepths(block, capacity=0.125)    # decoder: causal by default
         y, info = mod(x)                                            # x: [batch, seq, 512]
         loss = lm_loss + 0.01 * info.aux_losses["router_bce"]
 
     Args:
         block: a block with the interface in this module's docstring (e.g. TransformerBlock).
-        d_model, capacity: router input size; fraction of tokens computed, (0, 1].
+        capacity: fraction of tokens computed, (0, 1].
+        d_model: router input size; default: ``block.d_model``.
         weighting, causal_scheme: see ``TokenSelectRouter``. The defaults (sigmoid weights, router
             logit trained to predict top-k membership, thresholded at inference) are the causal form
             for decoders; encoders may use weighting="soft_top_k", causal_scheme=None.
         router: a ready TokenSelectRouter instead of building one.
     """
 
-    def __init__(self, block: nn.Module, *, d_model: int, capacity: float = 0.125, weighting: str = "sigmoid",
-                 causal_scheme: str | None = "aux_loss", router: TokenSelectRouter | None = None):
-        router = router or TokenSelectRouter(d_model=d_model, capacity=capacity, weighting=weighting,
+    def __init__(self, block: nn.Module, *, capacity: float = 0.125, d_model: int | None = None,
+                 weighting: str = "sigmoid", causal_scheme: str | None = "aux_loss",
+                 router: TokenSelectRouter | None = None):
+        router = router or TokenSelectRouter(d_model=_width(block, d_model), capacity=capacity, weighting=weighting,
                                              causal_scheme=causal_scheme)
         super().__init__(block, router)
 
@@ -79,11 +88,11 @@ class LayerSkip(_SelectedBlock):
     whether the block runs on it (straight-through Gumbel-softmax in training, argmax at inference).
     Causal by construction. Aux loss "skip_rate" pulls the run rate toward ``target_rate``.
 
-        skip = LayerSkip(block, d_model=512, target_rate=0.5)
+        skip = LayerSkip(block, target_rate=0.5)
         y, info = skip(x)
     """
 
-    def __init__(self, block: nn.Module, *, d_model: int, target_rate: float = 0.5, temperature: float = 1.0,
-                 router: BinaryGate | None = None):
-        router = router or BinaryGate(d_model=d_model, target_rate=target_rate, temperature=temperature)
+    def __init__(self, block: nn.Module, *, target_rate: float = 0.5, d_model: int | None = None,
+                 temperature: float = 1.0, router: BinaryGate | None = None):
+        router = router or BinaryGate(d_model=_width(block, d_model), target_rate=target_rate, temperature=temperature)
         super().__init__(block, router)

@@ -63,6 +63,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.d_model = cfg.d_model
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = components.build("attention", cfg.attention, cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
