@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.condcomp-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup setup-browser demo test bench clean
 
 setup: $(STAMP)
 
@@ -20,16 +20,23 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[all]"
 	touch $(STAMP)
 
+# Headless Chromium (Debian package) for the report-rendering test; skipped where apt-get is absent.
+setup-browser:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+		(apt-get install -y -q chromium >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null))
+	@command -v chromium >/dev/null 2>&1 || echo "note: chromium not installed; the report-rendering test will be skipped"
+
 demo: setup
 	$(BIN)/condcomp demo
 
-test: setup
+test: setup setup-browser
 	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python -m pip install --quiet -e ".[all,peers]"
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/moe.py
+	$(BIN)/python benchmarks/token_selection.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

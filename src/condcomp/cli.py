@@ -55,38 +55,29 @@ def _sample(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
-    import torch
+def _compare(args) -> int:
+    from condcomp.bench.compare import load_grid, run_grid
+    from condcomp.bench.report import terminal_table, write_report
 
-    from condcomp.data import decode, encode
-    from condcomp.train import Trainer
-
-    config = args.config or str(resources.files("condcomp") / "configs" / "demo.yaml")
-    overrides = list(args.set or [])
-    if args.run_dir:
-        overrides.append(f"run_dir={args.run_dir}")
-    cfg = load_config(config, overrides)
-    run_dir = Path(cfg.run_dir)
-    if run_dir.exists():
-        # Each demo is a fresh run: keep earlier ones, number the new one.
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        cfg.run_dir = str(run_dir.with_name(f"{run_dir.name}-{stamp}"))
-    print(f"condcomp demo: training the dense baseline ({cfg.model.n_layers} layers, d_model {cfg.model.d_model}, "
-          f"{cfg.train.steps} steps, {cfg.train.precision}) on the built-in corpus")
-    trainer = Trainer(cfg)
-    print(f"data: {trainer.corpus.description}: {len(trainer.corpus.train):,} train / "
-          f"{len(trainer.corpus.val):,} val bytes; model: {trainer.model.num_parameters():,} parameters")
-    result = trainer.train()
-    prompt = "def "
-    out = trainer.model.eval().generate(encode(prompt)[None, :], 300, temperature=0.8, top_k=40,
-                                        generator=torch.Generator().manual_seed(0))
-    print("\n--- sample (prompt: 'def ') ---")
-    print(decode(out[0].tolist()))
-    print("---")
-    print(f"validation: {result.val_bpb:.4f} bits/byte after {result.step} steps "
-          f"({trainer.train_seconds / 60:.1f} min training, {result.total_flops / 1e12:.2f} TFLOP executed)")
-    print(f"run folder: {result.run_dir}  (metrics.jsonl, checkpoints/)")
+    grid = load_grid(args.grid, args.set)
+    out = Path(args.out or Path("runs") / f"compare-{grid.name}")
+    print(f"condcomp compare: {len(grid.variants)} variants ({', '.join(grid.variants)}), each trained to "
+          f"{grid.budget:.3g} {grid.budget_kind}; results in {out} (re-run the same command to resume)")
+    results = run_grid(grid, out)
+    md, page = write_report(grid, results, out)
+    print()
+    print(terminal_table(results))
+    print(f"\nreport: {page}\n        {md}")
     return 0
+
+
+def _demo(args) -> int:
+    grid = args.grid or str(resources.files("condcomp") / "configs" / "grid-demo.yaml")
+    out = args.out
+    if out is None:
+        # Each demo is a fresh comparison: keep earlier ones, number the new one.
+        out = str(Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    return _compare(argparse.Namespace(grid=grid, out=out, set=args.set))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,10 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_sample)
 
-    d = sub.add_parser("demo", help="train the dense baseline on the built-in corpus for a few minutes")
-    d.add_argument("--config", help="demo config (default: the packaged configs/demo.yaml)")
-    d.add_argument("--set", action="append", metavar="KEY=VALUE")
-    d.add_argument("--run-dir")
+    c = sub.add_parser("compare", help="train a grid of variants under equal compute and write a report")
+    c.add_argument("--grid", required=True, help="grid YAML (see condcomp/configs/grid-demo.yaml)")
+    c.add_argument("--out", help="output folder (default runs/compare-<grid name>); re-run to resume")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every variant")
+    c.set_defaults(func=_compare)
+
+    d = sub.add_parser("demo", help="compare the techniques side by side on the built-in corpus (< 10 min)")
+    d.add_argument("--grid", help="grid YAML (default: the packaged configs/grid-demo.yaml)")
+    d.add_argument("--out", help="output folder (default runs/demo-<time>)")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every variant")
     d.set_defaults(func=_demo)
     return p
 

@@ -186,7 +186,11 @@ class DataConfig(_Validated):
 class TrainConfig(_Validated):
     """Optimisation, evaluation, logging and checkpointing."""
 
-    steps: int = _field(1000, ge=1)
+    steps: int = _field(1000, ge=1, help="training steps; with max_flops/max_seconds, an upper bound")
+    max_flops: float | None = _field(None, gt=0.0, help="stop when the executed training FLOPs reach this budget; "
+                                     "the LR schedule follows the fraction spent")
+    max_seconds: float | None = _field(None, gt=0.0, help="stop after this much training time (wall clock); "
+                                       "the LR schedule follows the fraction spent")
     batch_size: int = _field(16, ge=1)
     lr: float = _field(3e-3, gt=0.0)
     min_lr_ratio: float = _field(0.1, ge=0.0, le=1.0, help="cosine decays to lr * min_lr_ratio")
@@ -212,6 +216,8 @@ class TrainConfig(_Validated):
     progress: bool = _field(True, help="show a progress bar")
 
     def check(self) -> None:
+        if self.max_flops is not None and self.max_seconds is not None:
+            raise ConfigError("max_flops: set a FLOPs budget or a time budget (max_seconds), not both")
         for name, w in self.aux_loss_weights.items():
             if w < 0:
                 raise ConfigError(f"aux_loss_weights.{name}: must be >= 0, got {w}")

@@ -39,11 +39,12 @@ def autocast(precision: str):
     return contextlib.nullcontext()
 
 
-def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total``."""
+def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float, budget_progress: float = 0.0) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` steps — or earlier, when
+    ``budget_progress`` (fraction of a FLOPs or time budget spent) is further along."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), budget_progress))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -117,16 +118,46 @@ class Trainer:
                     f"fewer than model.seq_len + 1 = {cfg.model.seq_len + 1}; use more text or a smaller model.seq_len")
         self.model = Transformer(cfg.model)
         self.optimizer = build_optimizer(self.model, tc)
-        warmup, total, floor = tc.warmup_steps, tc.steps, tc.min_lr_ratio  # bound now, not read live
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, warmup=warmup, total=total, min_ratio=floor))
         self.step = 0
         self.total_flops = 0.0
         self.tokens_seen = 0
         self.train_seconds = 0.0
         self.last_step_flops = 0.0
+        warmup, total, floor = tc.warmup_steps, tc.steps, tc.min_lr_ratio  # bound now, not read live
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, warmup=warmup, total=total, min_ratio=floor,
+                                                budget_progress=self.budget_progress()))
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._prepare_run_dir(resume)
+
+    def budget_progress(self) -> float:
+        """Fraction of the FLOPs or wall-clock budget spent (0 without a budget)."""
+        tc = self.cfg.train
+        if tc.max_flops:
+            return self.total_flops / tc.max_flops
+        if tc.max_seconds:
+            return self.train_seconds / tc.max_seconds
+        return 0.0
+
+    def budget_spent(self) -> bool:
+        """True once the next step would end further from the budget than stopping now.
+        Equal-FLOPs runs therefore end within half a step of the budget."""
+        tc = self.cfg.train
+        if tc.max_flops:
+            return self.total_flops + 0.5 * self.last_step_flops >= tc.max_flops
+        if tc.max_seconds:
+            per_step = self.train_seconds / max(1, self.step)
+            return self.train_seconds + 0.5 * per_step >= tc.max_seconds
+        return False
+
+    def expected_steps(self) -> int:
+        """Steps this run will take: train.steps, or fewer when a budget runs out first (an
+        estimate from the steps so far, for the progress bar)."""
+        tc = self.cfg.train
+        if self.step == 0 or not (tc.max_flops or tc.max_seconds):
+            return tc.steps
+        progress = self.budget_progress()
+        return min(tc.steps, max(self.step, round(self.step / max(progress, 1e-9))))
 
     # -- run folder and resume -------------------------------------------------------------
 
@@ -240,18 +271,20 @@ class Trainer:
         return loss.item(), record
 
     def train(self, until: int | None = None) -> TrainResult:
-        """Train to ``train.steps`` (or stop early after step ``until``, checkpointing there)."""
+        """Train to ``train.steps`` or until the budget (train.max_flops / max_seconds) is spent; or stop
+        early after step ``until``, checkpointing there."""
         tc = self.cfg.train
         stop = tc.steps if until is None else min(until, tc.steps)
         self.model.train()
         losses: list[float] = []
         val_bpb = None
         tokens_per_step = tc.batch_size * self.cfg.model.seq_len
-        bar = tqdm(total=tc.steps, initial=self.step, disable=not tc.progress, unit="step",
+        bar = tqdm(total=self.expected_steps(), initial=self.step, disable=not tc.progress, unit="step",
                    dynamic_ncols=True, mininterval=1.0, desc=self.run_dir.name)
         last_ckpt = None
         window_start, window_tokens = time.perf_counter(), 0
-        while self.step < stop:
+        finished = self.step >= tc.steps or (self.step > 0 and self.budget_spent())
+        while self.step < stop and not finished:
             t0 = time.perf_counter()
             loss, record = self.train_step()
             dt = time.perf_counter() - t0
@@ -261,7 +294,8 @@ class Trainer:
             self.total_flops += self.last_step_flops
             window_tokens += tokens_per_step
             losses.append(loss)
-            if self.step % tc.log_every == 0 or self.step == tc.steps:
+            finished = self.step >= tc.steps or self.budget_spent()
+            if self.step % tc.log_every == 0 or finished:
                 elapsed = time.perf_counter() - window_start
                 tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
                 window_start, window_tokens = time.perf_counter(), 0
@@ -269,14 +303,16 @@ class Trainer:
                            "total_flops": self.total_flops, "tokens": self.tokens_seen,
                            "train_seconds": self.train_seconds})
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            if self.step % tc.eval_every == 0 or self.step == tc.steps:
+            if self.step % tc.eval_every == 0 or finished:
                 val_bpb = evaluate(self.model, self.corpus.val, batch_size=tc.batch_size,
                                    max_batches=tc.eval_batches, precision=tc.precision)
                 self._log({"step": self.step, "val_bpb": val_bpb, "total_flops": self.total_flops,
                            "tokens": self.tokens_seen, "train_seconds": self.train_seconds})
                 bar.write(f"step {self.step}: val {val_bpb:.4f} bits/byte")
-            if self.step % tc.checkpoint_every == 0 or self.step == stop:
+            if self.step % tc.checkpoint_every == 0 or self.step == stop or finished:
                 last_ckpt = self.save()
+            if bar.total != (expected := self.expected_steps()):
+                bar.total = expected
             bar.update(1)
         bar.close()
         return TrainResult(self.run_dir, self.step, val_bpb, losses, self.total_flops, last_ckpt)

@@ -1,0 +1,7 @@
+"""``python -m condcomp`` == the ``condcomp`` command."""
+
+import sys
+
+from condcomp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,244 @@
+"""The comparison report: a terminal table, report.md with PNG plots, and a self-contained report.html.
+
+Every number comes from the variants' results (their own metrics logs and checkpoints); nothing here
+computes a result of its own except the text shading, which re-runs each final model on validation text.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from condcomp.bench.compare import Grid, VariantResult
+
+COLUMNS = [("variant", "variant"), ("val bits/byte", "val_bpb"), ("params", "total_params"),
+           ("active params", "active_params"), ("train FLOPs", "train_flops"), ("train tok/s", "train_tokens_per_s"),
+           ("infer tok/s", "infer_tokens_per_s"), ("peak RSS MiB", "peak_rss_mib"), ("steps", "steps")]
+
+
+def _fmt(key: str, r: VariantResult) -> str:
+    v = r.name if key == "variant" else getattr(r, key)
+    if key == "val_bpb":
+        return f"{v:.4f}"
+    if key in ("total_params", "active_params"):
+        return f"{v / 1e6:.2f}M"
+    if key == "train_flops":
+        return f"{v:.3e}"
+    if key in ("train_tokens_per_s", "infer_tokens_per_s", "peak_rss_mib"):
+        return f"{v:,.0f}"
+    return str(v)
+
+
+def table_rows(results: list[VariantResult]) -> list[list[str]]:
+    return [[_fmt(key, r) for _, key in COLUMNS] for r in results]
+
+
+def terminal_table(results: list[VariantResult]) -> str:
+    head = [h for h, _ in COLUMNS]
+    rows = table_rows(results)
+    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def markdown_table(results: list[VariantResult]) -> str:
+    head = [h for h, _ in COLUMNS]
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_curves(results: list[VariantResult], out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    for key, label, fname in (("total_flops", "training FLOPs", "loss_vs_flops.png"),
+                              ("train_seconds", "training wall clock (s)", "loss_vs_time.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        for r in results:
+            xs = [c[key] for c in r.curve]
+            ys = [c["val_bpb"] for c in r.curve]
+            ax.plot(xs, ys, marker="o", ms=3, label=r.name)
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation bits/byte")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"validation loss vs {label}")
+        fig.tight_layout()
+        fig.savefig(out / fname)
+        plt.close(fig)
+        paths[fname] = out / fname
+    return paths
+
+
+def plot_loads(results: list[VariantResult], out: Path) -> dict[str, Path]:
+    """Per-layer bars: tokens each expert (or block) processed on a validation batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    for r in results:
+        if not r.loads:
+            continue
+        names = list(r.loads)
+        fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names) + 1, 2.8), dpi=110, squeeze=False)
+        for ax, name in zip(axes[0], names):
+            loads = r.loads[name]
+            ax.bar(range(len(loads)), loads, color="#d9822b")
+            ax.set_title(name.replace("blocks.", "layer ").replace(".router", ""), fontsize=8)
+            ax.set_xlabel("expert" if len(loads) > 1 else "selected tokens", fontsize=7)
+            ax.tick_params(labelsize=7)
+        fig.suptitle(f"{r.name}: tokens per expert / block, per layer", fontsize=9)
+        fig.tight_layout()
+        fname = f"loads_{r.name}.png"
+        fig.savefig(out / fname)
+        plt.close(fig)
+        paths[fname] = out / fname
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# Where the compute went
+
+
+def shaded_text(run_dir: Path, n_bytes: int = 700) -> tuple[str, float, bool]:
+    """HTML of a stretch of validation text, each byte shaded by the conditional computations it
+    received in the final model (inference mode). Returns (html, max units, conditional?)."""
+    from condcomp.bench.compute_map import compute_per_token, trace_routing
+    from condcomp.data import load_corpus
+    from condcomp.train.trainer import load_model
+
+    model, cfg = load_model(run_dir)
+    corpus = load_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
+                         cache_dir=cfg.data.cache_dir)
+    n = min(n_bytes, cfg.model.seq_len, len(corpus.val))
+    x = torch.from_numpy(corpus.val[:n].astype("int64"))[None]
+    traces = trace_routing(model, x)
+    units = compute_per_token(traces, n)
+    top = float(units.max()) if traces else 0.0
+    spans = []
+    for byte, u in zip(x[0].tolist(), units.tolist()):
+        ch = bytes([byte]).decode("utf-8", errors="replace")
+        text = "<br>" if ch == "\n" else html.escape(ch).replace(" ", "&nbsp;")
+        alpha = 0.0 if top == 0 else 0.08 + 0.8 * u / top
+        spans.append(f'<span style="background:rgba(217,130,43,{alpha:.2f})" title="{u:g}">{text}</span>')
+    return "".join(spans), top, bool(traces)
+
+
+# ------------------------------------------------------------------------------------------------
+# Provenance
+
+
+def environment() -> dict[str, str]:
+    def version(pkg):
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"git commit": commit, "python": platform.python_version(),
+            **{pkg: version(pkg) for pkg in ("condcomp", "torch", "numpy", "matplotlib", "safetensors")},
+            "machine": f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, "
+                       f"{torch.get_num_threads()} torch threads"}
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def write_report(grid: Grid, results: list[VariantResult], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write report.md (+ PNGs) and a self-contained report.html into out_dir."""
+    out = Path(out_dir)
+    images = {**plot_curves(results, out), **plot_loads(results, out)}
+    env = environment()
+    seeds = sorted({grid.variants[r.name].train.seed for r in results if r.name in grid.variants})
+    budget = f"{grid.budget:.3g} training {'FLOPs' if grid.budget_kind == 'flops' else 'seconds'} per variant"
+
+    md = [f"# condcomp compare: {grid.name}", "",
+          f"Budget: {budget} (equal for every variant). Seed(s): {seeds}. "
+          "Every number is read from the variant's own run: validation bits/byte and FLOPs from its "
+          "metrics.jsonl (FLOPs counted by torch.utils.flop_counter), inference tokens/s timed on its final "
+          "checkpoint, peak RSS of its training process.", "", markdown_table(results), "",
+          "![validation loss vs FLOPs](loss_vs_flops.png)", "", "![validation loss vs time](loss_vs_time.png)", ""]
+    for name in images:
+        if name.startswith("loads_"):
+            md += [f"![{name}]({name})", ""]
+    md += ["## Environment", ""] + [f"- {k}: {v}" for k, v in env.items()]
+    md += ["", "## Configs", ""]
+    for name, cfg in grid.variants.items():
+        md += [f"<details><summary>{name}</summary>", "", "```json", json.dumps(cfg.to_dict(), indent=1), "```",
+               "</details>", ""]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md))
+
+    def img(name: str, alt: str) -> str:
+        data = base64.b64encode(images[name].read_bytes()).decode()
+        return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h, _ in COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table_rows(results))
+    shading = []
+    for r in results:
+        text, top, conditional = shaded_text(out / "variants" / r.name)
+        note = (f"darkest = {top:g} conditional computations (experts / blocks / heavy branches, summed over layers)"
+                if conditional and top > 0 else "dense: every byte gets the same computation")
+        shading.append(f"<h3>{html.escape(r.name)}</h3><p class=note>{note}</p><div class=text>{text}</div>")
+    loads = "".join(img(n, n) for n in images if n.startswith("loads_"))
+    envrows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in env.items())
+    configs = "".join(f"<details><summary>{html.escape(n)}</summary><pre>{html.escape(json.dumps(c.to_dict(), indent=1))}"
+                      f"</pre></details>" for n, c in grid.variants.items())
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>condcomp compare: {html.escape(grid.name)}</title>
+<style>
+body {{ font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }}
+table.results {{ border-collapse: collapse; margin: 1em 0; }}
+table.results th, table.results td {{ padding: .35em .8em; border-bottom: 1px solid #ddd; text-align: right; }}
+table.results td:first-child, table.results th:first-child {{ text-align: left; font-weight: 600; }}
+img {{ max-width: 100%; margin: .5em 0; }}
+.text {{ font: 12px/1.5 ui-monospace, monospace; border: 1px solid #eee; padding: .6em; }}
+.note {{ color: #666; font-size: 13px; margin: 0; }}
+</style></head><body>
+<h1>condcomp compare: {html.escape(grid.name)}</h1>
+<p>Budget: {html.escape(budget)}, seed(s) {seeds}. Every number comes from the variant's own run.</p>
+<table class="results" id="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+<h2>Validation loss</h2>{img("loss_vs_flops.png", "validation loss vs training FLOPs")}
+{img("loss_vs_time.png", "validation loss vs wall clock")}
+<h2>Where the compute went</h2>
+<p class="note">Validation text; each byte shaded by how many conditional computations it received in the final model.</p>
+{"".join(shading)}
+{"<h3>Loads per layer</h3>" + loads if loads else ""}
+<h2>Environment</h2><table>{envrows}</table>
+<h2>Configs</h2>{configs}
+</body></html>"""
+    html_path = out / "report.html"
+    html_path.write_text(page)
+    return md_path, html_path

@@ -1,0 +1,155 @@
+"""condcomp compare: budgets, resume, and a report whose numbers come from the runs' own logs."""
+
+import json
+import os
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from condcomp.bench.compare import load_grid, run_grid
+from condcomp.bench.report import write_report
+from condcomp.config import ConfigError
+
+BUDGET = 2.0e9
+
+
+def write_grid(tmp: Path, text_file: Path, budget: str = f"{{flops: {BUDGET}}}") -> Path:
+    grid = tmp / "grid.yaml"
+    grid.write_text(textwrap.dedent(f"""\
+        name: tiny
+        budget: {budget}
+        base:
+          model: {{d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}}
+          data: {{source: {text_file}, cache_dir: {tmp / 'cache'}}}
+          train: {{batch_size: 4, warmup_steps: 2, eval_every: 10, eval_batches: 2, checkpoint_every: 10,
+                   log_every: 1, progress: false, precision: fp32}}
+        common: [train.seed=3]
+        variants:
+          dense: {{}}
+          moe: {{set: [model.ffn=moe, model.moe.num_experts=4, model.moe.d_ff=32]}}
+        """))
+    return grid
+
+
+@pytest.fixture(scope="module")
+def finished_grid(tmp_path_factory):
+    """A two-variant grid run twice: interrupted after the first variant, then resumed."""
+    tmp = tmp_path_factory.mktemp("grid")
+    text = tmp / "corpus.txt"
+    import random
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "routing", "expert", "token", "layer"]
+    text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(6000)))
+    grid = load_grid(write_grid(tmp, text))
+    out = tmp / "out"
+    first = run_grid(grid, out, stop_after=1, infer_time=0.05, log=lambda *_: None)
+    dense_dir = out / "variants" / "dense"
+    stamp = {p.name: p.stat().st_mtime_ns for p in dense_dir.rglob("*") if p.is_file()}
+    messages = []
+    results = run_grid(load_grid(write_grid(tmp, text)), out, infer_time=0.05, log=messages.append)
+    md, page = write_report(grid, results, out)
+    return {"grid": grid, "out": out, "first": first, "results": results, "stamp": stamp, "messages": messages,
+            "md": md, "html": page}
+
+
+def test_interrupted_grid_resumes_without_retraining(finished_grid):
+    assert [r.name for r in finished_grid["first"]] == ["dense"]
+    assert [r.name for r in finished_grid["results"]] == ["dense", "moe"]
+    dense_dir = finished_grid["out"] / "variants" / "dense"
+    now = {p.name: p.stat().st_mtime_ns for p in dense_dir.rglob("*") if p.is_file()}
+    assert now == finished_grid["stamp"], "a finished variant was touched on resume"
+    assert any("dense: finished earlier, not retrained" in m for m in finished_grid["messages"])
+
+
+def test_equal_flops_budget_within_five_percent(finished_grid):
+    for r in finished_grid["results"]:
+        assert abs(r.train_flops - BUDGET) / BUDGET < 0.05, (r.name, r.train_flops)
+    # The variants differ in FLOPs per step, so they ran different numbers of steps.
+    steps = {r.name: r.steps for r in finished_grid["results"]}
+    assert steps["dense"] != steps["moe"]
+
+
+def test_report_numbers_come_from_the_runs_logs(finished_grid):
+    out = finished_grid["out"]
+    md = finished_grid["md"].read_text()
+    for r in finished_grid["results"]:
+        records = [json.loads(l) for l in (out / "variants" / r.name / "metrics.jsonl").read_text().splitlines()]
+        last_eval = [x for x in records if "val_bpb" in x][-1]
+        assert r.val_bpb == last_eval["val_bpb"]
+        assert r.train_flops == last_eval["total_flops"]
+        assert r.steps == last_eval["step"]
+        assert f"| {r.name} | {last_eval['val_bpb']:.4f} |" in md
+        assert f"{last_eval['total_flops']:.3e}" in md
+    assert all(finished_grid["grid"].variants[n].train.seed == 3 for n in ("dense", "moe"))
+    assert finished_grid["results"][1].active_params < finished_grid["results"][1].total_params  # MoE
+
+
+def test_every_report_artefact_exists(finished_grid):
+    out = finished_grid["out"]
+    for name in ("report.md", "report.html", "loss_vs_flops.png", "loss_vs_time.png", "loads_moe.png", "grid.yaml"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    page = finished_grid["html"].read_text()
+    assert page.count("data:image/png;base64,") >= 3  # self-contained: plots embedded
+    assert 'id="results"' in page and "Where the compute went" in page and "git commit" in page
+    assert "torch" in page and "seed" in page
+
+
+def test_bad_grids_fail_before_training(tmp_path, text_file):
+    grid = write_grid(tmp_path, text_file, budget="{tokens: 5}")
+    with pytest.raises(ConfigError, match="budget must be"):
+        load_grid(grid)
+    grid.write_text(grid.read_text().replace("{tokens: 5}", "{flops: 1e9}").replace("model.moe.d_ff=32",
+                                                                                    "model.moe.dff=32"))
+    with pytest.raises(ConfigError, match=r"variants\.moe: .*model\.moe\.d_ff"):
+        load_grid(grid)
+
+
+def test_time_budget_stops_near_the_budget(tiny_config):
+    from condcomp.train import Trainer
+
+    cfg = tiny_config("timed", **{"train.steps": 100000, "train.max_seconds": 1.5, "train.eval_every": 100000})
+    trainer = Trainer(cfg)
+    trainer.train()
+    per_step = trainer.train_seconds / trainer.step
+    assert abs(trainer.train_seconds - 1.5) <= per_step
+    # The LR schedule followed the budget: it ended at the cosine floor.
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio, rel=0.05)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.browser
+def test_report_renders_in_headless_chromium(finished_grid, tmp_path):
+    if CHROMIUM is None:
+        if os.environ.get("CONDCOMP_REQUIRE_BROWSER"):
+            pytest.fail("chromium is not installed; `make setup-browser` installs it (Debian package chromium)")
+        pytest.skip("chromium not installed (make setup-browser)")
+    page = finished_grid["html"]
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    shot = tmp_path / "shot.png"
+    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,1600", page.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    # The screenshot is a real rendering: large, and not one flat colour.
+    from PIL import Image
+
+    img = Image.open(shot).convert("RGB")
+    assert img.size == (1200, 1600)
+    colours = img.getcolors(maxcolors=1 << 20)
+    assert colours is None or len(colours) > 50
+    # The rendered DOM has the table rows and decoded plots (naturalWidth > 0 after load).
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace(
+        "</body>", "<script>addEventListener('load', () => { document.title = 'imgs:' + "
+                   "[...document.images].filter(i => i.naturalWidth > 0).length + ' rows:' + "
+                   "document.querySelectorAll('#results tbody tr').length; });</script></body>"))
+    dom = subprocess.run(flags + ["--dump-dom", probe.as_uri()], check=True, capture_output=True, text=True,
+                         timeout=120).stdout
+    assert "<title>imgs:" in dom
+    imgs = int(dom.split("<title>imgs:")[1].split()[0])
+    rows = int(dom.split(" rows:")[1].split("<")[0])
+    assert imgs >= 3 and rows == 2
