@@ -131,7 +131,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def _train_in_subprocess(config_path: Path, log) -> float:
+def _train_in_subprocess(config_path: Path) -> float:
     """Train (resuming if a checkpoint exists) in a child process; returns its peak RSS in MiB."""
     cmd = [sys.executable, "-m", "condcomp", "train", "--config", str(config_path), "--resume"]
     proc = subprocess.Popen(cmd)
@@ -234,7 +234,7 @@ def run_grid(grid: Grid, out_dir: str | Path, *, stop_after: int | None = None, 
         else:
             eta = ""
         log(f"[{i}/{len(names)}] {name}: training to {grid.budget:.3g} {grid.budget_kind}{eta}")
-        rss = _train_in_subprocess(config_path, log)
+        rss = _train_in_subprocess(config_path)
         result = measure_variant(name, vdir, rss, infer_time=infer_time)
         _write_json_atomic(done, asdict(result))
         results.append(result)
