@@ -350,11 +350,10 @@ def test_generate_with_cache_equals_generate_by_recomputation(causal_models):
     model = causal_models["mod-aux_loss"]
     prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(2))
     fast = model.generate(prompt, 20, temperature=0)
-    slow_model = model
     original = type(model).supports_cache
     try:
         type(model).supports_cache = property(lambda self: False)
-        slow = slow_model.generate(prompt, 20, temperature=0)
+        slow = model.generate(prompt, 20, temperature=0)
     finally:
         type(model).supports_cache = original
     assert torch.equal(fast, slow)

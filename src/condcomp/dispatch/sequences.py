@@ -21,7 +21,7 @@ from condcomp.routing.types import Routing
 
 @dataclass
 class SequencePack:
-    """index: [b, m] flat token index (0 where invalid); positions: [b, m] (offset where invalid);
+    """index: [b, m] flat token index (0 where invalid); positions: [b, m] (0 where invalid);
     valid: [b, m] bool;
     all_valid: True when every row selected m tokens (no padding in the pack)."""
 
@@ -31,11 +31,8 @@ class SequencePack:
     all_valid: bool
 
 
-def pack_sequences(routing: Routing, batch: int, seq: int, offset: int = 0) -> SequencePack:
-    """Arrange a one-group, ascending routing of [batch * seq] tokens by sequence.
-
-    offset: position of the first token (non-zero in incremental decoding).
-    """
+def pack_sequences(routing: Routing, batch: int, seq: int) -> SequencePack:
+    """Arrange a one-group, ascending routing of [batch * seq] tokens by sequence (positions 0..seq-1)."""
     if routing.num_groups != 1:
         raise ValueError(f"sequence dispatch needs a one-group routing, got {routing.num_groups} groups")
     if routing.num_tokens != batch * seq:
@@ -50,7 +47,7 @@ def pack_sequences(routing: Routing, batch: int, seq: int, offset: int = 0) -> S
     valid = torch.zeros(batch, m, dtype=torch.bool, device=idx.device)
     index[row, slot] = idx
     valid[row, slot] = True
-    positions = torch.where(valid, index - torch.arange(batch, device=idx.device)[:, None] * seq, 0) + offset
+    positions = torch.where(valid, index - torch.arange(batch, device=idx.device)[:, None] * seq, 0)
     return SequencePack(index=index, positions=positions, valid=valid, all_valid=bool(valid.all()))
 
 
@@ -72,13 +69,13 @@ def scatter_pack(ys: torch.Tensor, pack: SequencePack, routing: Routing) -> torc
     return WeightedScatter.apply(flat, routing.combine_weights, routing.token_index, routing.num_tokens)
 
 
-def dispatch_sequences(x: torch.Tensor, routing: Routing, fn: SequenceFn, offset: int = 0) -> torch.Tensor:
+def dispatch_sequences(x: torch.Tensor, routing: Routing, fn: SequenceFn) -> torch.Tensor:
     """y[token] = weight * fn(selected tokens of its sequence)[token]; zeros for unselected tokens.
 
     x: [batch, seq, d]. Returns [batch * seq, d_out] flattened.
     """
     b, t, d = x.shape
-    pack = pack_sequences(routing, b, t, offset)
+    pack = pack_sequences(routing, b, t)
     if pack.index.shape[1] == 0:
         return x.new_zeros(b * t, d)
     return scatter_pack(fn(gather_pack(x, pack), pack), pack, routing)
