@@ -120,17 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="output folder (default runs/demo-<time>)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every variant")
     d.set_defaults(func=_demo)
+
+    from condcomp import cli_coda
+
+    cli_coda.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from condcomp.data import DataError
+    from condcomp.convert import ConvertError, PretrainedError
     from condcomp.train import CheckpointError, TrainingError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, ConvertError, PretrainedError) as e:
         print(f"condcomp {args.command}: error: {e}", file=sys.stderr)
         return 2
 

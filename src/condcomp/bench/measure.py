@@ -43,6 +43,20 @@ def timed_pair(fn: Callable[[], object], ref_fn: Callable[[], object], rounds: i
     return sorted(a)[rounds // 2], sorted(b)[rounds // 2]
 
 
+def timed_alternating(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, timed one call each in turn, round by round, so
+    drift in the machine's speed hits every function alike (the many-way form of timed_pair)."""
+    timers = {name: tb.Timer("f()", globals={"f": f}, num_threads=torch.get_num_threads()) for name, f in fns.items()}
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name].append(timer.timeit(1).median)
+    return {name: sorted(t)[rounds // 2] for name, t in times.items()}
+
+
 @dataclass
 class Prepared:
     """forward: no-grad forward; both: forward+backward; act_bytes: activation memory of ``both``."""

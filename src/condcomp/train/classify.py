@@ -1,0 +1,160 @@
+"""Training and evaluation of sequence classifiers built by ``condcomp.convert`` (CoDA and baselines).
+
+A run folder holds the inference model (``model.safetensors``, ``coda.json``, tokenizer),
+``checkpoints/step_*`` for resuming, ``metrics.jsonl`` and ``result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from condcomp.convert.coda import CodaClassifier
+from condcomp.convert.saved import save_converted
+from condcomp.data.labelled import LabelledText
+from condcomp.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from condcomp.train.trainer import TrainingError, autocast
+
+
+@dataclass
+class ClassifyConfig:
+    """steps x batch_size examples are seen (the same budget for every method); lr peaks after
+    warmup (a fraction of steps) and decays linearly to 0. precision: "fp32" or "bf16" (autocast)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    precision: str = "bf16"
+    seed: int = 0
+    eval_batch_size: int = 32
+    checkpoint_every: int = 100
+    log_every: int = 10
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise TrainingError("steps, batch_size and eval_batch_size must be >= 1")
+        if self.lr <= 0:
+            raise TrainingError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise TrainingError(f"warmup is a fraction of steps in [0, 1), got {self.warmup}")
+        if self.precision not in ("fp32", "bf16"):
+            raise TrainingError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+
+
+class Tokenized:
+    """Token ids of each text (truncated to max_length, no padding) with its label."""
+
+    def __init__(self, data: LabelledText, tokenizer, max_length: int):
+        self.ids = tokenizer(data.texts, truncation=True, max_length=max_length)["input_ids"]
+        self.labels = torch.tensor(data.labels, dtype=torch.int64)
+        self.description = data.description
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> input_ids [b, t] (0-padded to the longest), attention_mask [b, t] int64, labels [b]."""
+        rows = list(rows)
+        t = max(len(self.ids[i]) for i in rows)
+        ids = torch.zeros(len(rows), t, dtype=torch.int64)
+        mask = torch.zeros(len(rows), t, dtype=torch.int64)
+        for j, i in enumerate(rows):
+            ids[j, :len(self.ids[i])] = torch.tensor(self.ids[i])
+            mask[j, :len(self.ids[i])] = 1
+        return ids, mask, self.labels[rows]
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: CodaClassifier, data: Tokenized, *, batch_size: int = 32, precision: str = "fp32") -> float:
+    """Accuracy in [0, 1]; examples batched by length so little padding is computed."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
+    correct = 0
+    for start in range(0, len(order), batch_size):
+        ids, mask, labels = data.batch(order[start:start + batch_size])
+        with autocast(precision):
+            logits = model(ids, mask)
+        correct += int((logits.argmax(-1) == labels).sum())
+    model.train(was_training)
+    return correct / max(1, len(data))
+
+
+def _lr_factor(step: int, cfg: ClassifyConfig) -> float:
+    warm = max(1, math.ceil(cfg.warmup * cfg.steps))
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
+
+
+def _optimizer(model: CodaClassifier, cfg: ClassifyConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def train_classifier(model: CodaClassifier, train: Tokenized, val: Tokenized, cfg: ClassifyConfig, out: str | Path,
+                     *, tokenizer=None, resume: bool = True, progress: bool = True) -> dict:
+    """Train for cfg.steps steps (resuming from the newest checkpoint in ``out`` if there is one),
+    save the inference model to ``out`` and return the result (also written to out/result.json)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    opt = _optimizer(model, cfg)
+    step, seconds = 0, 0.0
+    generator = torch.Generator().manual_seed(cfg.seed)
+    checkpoints = list_checkpoints(out) if resume else []
+    if checkpoints:
+        state = load_checkpoint(checkpoints[-1], model)
+        opt.load_state_dict(state["optimizer"])
+        step, seconds = int(state["step"]), float(state["seconds"])
+        generator.set_state(state["generator"])
+    meta = {"coda": model.config.to_dict(), "train": asdict(cfg)}
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=f"{model.config.method}", unit="step")
+    with open(out / "metrics.jsonl", "a") as log:
+        while step < cfg.steps:
+            rows = torch.randint(len(train), (cfg.batch_size,), generator=generator).tolist()
+            ids, mask, labels = train.batch(rows)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(step, cfg)
+            started = time.perf_counter()
+            with autocast(cfg.precision):
+                logits = model(ids, mask)
+            loss = F.cross_entropy(logits.float(), labels)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss is {loss.item()} at step {step}; lower --lr (now {cfg.lr}) "
+                                    f"or resume from the last checkpoint in {out / 'checkpoints'}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seconds += time.perf_counter() - started
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                record = {"step": step, "loss": loss.item(), "seconds": round(seconds, 2)}
+                record.update({k: round(float(v), 4) for k, v in model.last_metrics.items()
+                               if k.endswith("mean_weight")})
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                save_checkpoint(out, step, model, {"optimizer": opt.state_dict(), "step": step, "seconds": seconds,
+                                                   "generator": generator.get_state()}, meta)
+    bar.close()
+    val_acc = evaluate_accuracy(model, val, batch_size=cfg.eval_batch_size, precision=cfg.precision)
+    result = {"method": model.config.method, "reduction": model.config.reduction, "steps": step,
+              "train_seconds": round(seconds, 1), "val_accuracy": val_acc,
+              "trainable_parameters": model.trainable_parameters(), "val": val.description}
+    save_converted(model, out, tokenizer=tokenizer, extra={"result": result, "train": asdict(cfg)})
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result
