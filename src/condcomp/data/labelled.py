@@ -8,6 +8,8 @@ Tasks:
     a path to a .csv or .jsonl file with ``text`` and ``label`` columns (names configurable); split
            by the text itself.
 Splits are deterministic: a hash of the grouping key puts 10% in "test", 10% in "val", 80% in "train".
+Exact duplicate texts are kept once (the first in file order), so no text is in two splits; BBC
+News holds 98 such duplicates, Rotten Tomatoes a few dozen short sentences such as "Terrific.".
 Within a split, examples are in a fixed hash order (a deterministic shuffle), so the first n of a
 split are a fair sample of it.
 """
@@ -71,10 +73,13 @@ def _package_dir(task: str) -> Path:
 def _rotten_tomatoes(split: str) -> LabelledText:
     path = _package_dir("rt") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     names = ["rotten", "fresh"]
-    texts, labels = [], []
+    texts, labels, seen = [], [], set()
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f):
-            if row["category"] in names and split_of(row["movie_name"]) == split:
+            if row["category"] not in names or row["text"] in seen:
+                continue
+            seen.add(row["text"])
+            if split_of(row["movie_name"]) == split:
                 texts.append(row["text"])
                 labels.append(names.index(row["category"]))
     return LabelledText(texts, labels, names, f"Rotten Tomatoes sentences, {split}")
@@ -83,11 +88,15 @@ def _rotten_tomatoes(split: str) -> LabelledText:
 def _bbc_news(split: str) -> LabelledText:
     root = _package_dir("bbc") / "bbcnews" / "data"
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
-    texts, labels = [], []
+    texts, labels, seen = [], [], set()
     for label, name in enumerate(names):
         for path in sorted((root / name).glob("*.txt")):
+            text = path.read_text(encoding="utf-8", errors="replace").strip()
+            if text in seen:
+                continue
+            seen.add(text)
             if split_of(f"{name}/{path.name}") == split:
-                texts.append(path.read_text(encoding="utf-8", errors="replace").strip())
+                texts.append(text)
                 labels.append(label)
     return LabelledText(texts, labels, names, f"BBC News articles, {split}")
 
@@ -109,7 +118,8 @@ def _user_file(path: Path, split: str, text_column: str, label_column: str) -> L
     names = sorted({str(r[label_column]) for r in rows})
     if len(names) < 2:
         raise DataError(f"{path}: column {label_column!r} has a single value; classification needs two or more")
-    chosen = [r for r in rows if split_of(str(r[text_column])) == split]
+    unique = list({str(r[text_column]): r for r in reversed(rows)}.values())[::-1]  # first of each text
+    chosen = [r for r in unique if split_of(str(r[text_column])) == split]
     return LabelledText([str(r[text_column]) for r in chosen], [names.index(str(r[label_column])) for r in chosen],
                         names, f"{path.name}, {split}")
 
