@@ -237,7 +237,7 @@ def test_training_resumed_after_a_crash_ends_where_an_uninterrupted_run_ends(tmp
     from condcomp.data.labelled import LabelledText
 
     data = Tokenized(LabelledText(texts, [i % 2 for i in range(40)], ["x", "y"], "toy"), Tok(), 16)
-    cfg = ClassifyConfig(steps=6, batch_size=4, lr=1e-2, precision="fp32", checkpoint_every=2)
+    cfg = ClassifyConfig(steps=4, distill_steps=2, batch_size=4, lr=1e-2, precision="fp32", checkpoint_every=2)
 
     straight = convert(tiny_bert(), method="coda", reduction=2, adapter_dim=4)
     train_classifier(straight, data, data, cfg, tmp_path / "a", progress=False)
@@ -258,9 +258,30 @@ def test_training_resumed_after_a_crash_ends_where_an_uninterrupted_run_ends(tmp
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     resumed = convert(tiny_bert(), method="coda", reduction=2, adapter_dim=4)
     result = train_classifier(resumed, data, data, cfg, tmp_path / "b", progress=False)
-    assert result["steps"] == 6
+    assert result["steps"] == 4 and result["distill_steps"] == 2
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_distillation_brings_a_routed_model_closer_to_the_pretrained_one():
+    base = tiny_bert()
+    with torch.no_grad():
+        ids, mask = random_batch(b=8, t=12, seed=4)
+        original = base(input_ids=ids, attention_mask=mask).last_hidden_state
+    model = convert(base, method="coda", reduction=3, adapter_dim=16).train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    with torch.no_grad():
+        before = model.distillation_loss(ids, mask).item()
+    for _ in range(40):
+        opt.zero_grad()
+        model.distillation_loss(ids, mask).backward()
+        opt.step()
+    with torch.no_grad():
+        after = model.distillation_loss(ids, mask).item()
+    assert before > 0 and after < 0.5 * before, (before, after)
+    with torch.no_grad():  # the teacher is still the original dense model: frozen weights did not move
+        real = mask.bool()
+        assert torch.allclose(model.eval().pretrained_encode(ids, mask)[real], original[real], atol=1e-5)
 
 
 # ---- data and missing packages -------------------------------------------------------------------

@@ -24,7 +24,7 @@ def _train(args) -> int:
     from condcomp.train.classify import ClassifyConfig, Tokenized, train_classifier
 
     cfg = ClassifyConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
-                         seed=args.seed)
+                         seed=args.seed, distill_steps=args.distill_steps)
     columns = {"text_column": args.text_column, "label_column": args.label_column}
     train = load_labelled(args.task, "train", **columns).take(args.train_examples)
     val = load_labelled(args.task, "val", **columns).take(args.val_examples)
@@ -93,6 +93,8 @@ def add_parser(sub) -> None:
     t.add_argument("--model", default="minilm", help="packaged model name or a Hugging Face model folder")
     t.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are cut)")
     t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--distill-steps", type=int, default=0,
+                   help="CoDA only: first train routers and adapters this many steps to reproduce the dense model")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))

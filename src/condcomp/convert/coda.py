@@ -228,6 +228,26 @@ class CodaClassifier(nn.Module):
         self.last_metrics = metrics
         return h
 
+    def pretrained_encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The original dense model's last hidden states [batch, seq, d]: every pretrained layer on
+        every token, no adapters, no routing (the teacher of ``distillation_loss``)."""
+        real = attention_mask.to(torch.bool)
+        h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        for layer in self.layers:
+            h = layer.layer(h, attention_mask_for(layer.layer, real, h.dtype))
+        return h
+
+    def distillation_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared distance, per real token and feature, between this model's last hidden states
+        and the dense pretrained model's. CoDA's light training phase: it teaches routers and adapters
+        to reproduce the pretrained model before the task is learned (no labels needed)."""
+        with torch.no_grad():
+            target = self.pretrained_encode(input_ids, attention_mask)
+        h = self.encode(input_ids, attention_mask)
+        real = attention_mask.to(torch.bool)
+        return (h[real].float() - target[real].float()).pow(2).mean()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         h = self.encode(input_ids, attention_mask, token_type_ids)

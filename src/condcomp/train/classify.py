@@ -38,6 +38,7 @@ class ClassifyConfig:
     eval_batch_size: int = 32
     checkpoint_every: int = 100
     log_every: int = 10
+    distill_steps: int = 0
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
@@ -46,6 +47,8 @@ class ClassifyConfig:
             raise TrainingError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup < 1:
             raise TrainingError(f"warmup is a fraction of steps in [0, 1), got {self.warmup}")
+        if self.distill_steps < 0:
+            raise TrainingError(f"distill_steps must be >= 0, got {self.distill_steps}")
         if self.precision not in ("fp32", "bf16"):
             raise TrainingError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
@@ -90,10 +93,15 @@ def evaluate_accuracy(model: CodaClassifier, data: Tokenized, *, batch_size: int
 
 
 def _lr_factor(step: int, cfg: ClassifyConfig) -> float:
-    warm = max(1, math.ceil(cfg.warmup * cfg.steps))
+    """Warmup then linear decay, restarted at the phase boundary (distillation, then the task)."""
+    if step < cfg.distill_steps:
+        total = cfg.distill_steps
+    else:
+        step, total = step - cfg.distill_steps, cfg.steps
+    warm = max(1, math.ceil(cfg.warmup * total))
     if step < warm:
         return (step + 1) / warm
-    return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
+    return max(0.0, (total - step) / max(1, total - warm))
 
 
 def _optimizer(model: CodaClassifier, cfg: ClassifyConfig) -> torch.optim.AdamW:
@@ -120,17 +128,23 @@ def train_classifier(model: CodaClassifier, train: Tokenized, val: Tokenized, cf
         generator.set_state(state["generator"])
     meta = {"coda": model.config.to_dict(), "train": asdict(cfg)}
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=f"{model.config.method}", unit="step")
+    if cfg.distill_steps and model.config.method != "coda":
+        raise TrainingError("distill_steps applies to method 'coda' only (the others start as the pretrained model)")
+    total = cfg.distill_steps + cfg.steps
+    bar = tqdm(total=total, initial=step, disable=not progress, desc=f"{model.config.method}", unit="step")
     with open(out / "metrics.jsonl", "a") as log:
-        while step < cfg.steps:
+        while step < total:
+            distilling = step < cfg.distill_steps
             rows = torch.randint(len(train), (cfg.batch_size,), generator=generator).tolist()
             ids, mask, labels = train.batch(rows)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(step, cfg)
             started = time.perf_counter()
             with autocast(cfg.precision):
-                logits = model(ids, mask)
-            loss = F.cross_entropy(logits.float(), labels)
+                if distilling:
+                    loss = model.distillation_loss(ids, mask)
+                else:
+                    loss = F.cross_entropy(model(ids, mask).float(), labels)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss is {loss.item()} at step {step}; lower --lr (now {cfg.lr}) "
                                     f"or resume from the last checkpoint in {out / 'checkpoints'}")
@@ -140,19 +154,21 @@ def train_classifier(model: CodaClassifier, train: Tokenized, val: Tokenized, cf
             seconds += time.perf_counter() - started
             step += 1
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                record = {"step": step, "loss": loss.item(), "seconds": round(seconds, 2)}
+            if step % cfg.log_every == 0 or step == total:
+                record = {"step": step, "phase": "distill" if distilling else "task", "loss": loss.item(),
+                          "seconds": round(seconds, 2)}
                 record.update({k: round(float(v), 4) for k, v in model.last_metrics.items()
                                if k.endswith("mean_weight")})
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            if step % cfg.checkpoint_every == 0 and step < total:
                 save_checkpoint(out, step, model, {"optimizer": opt.state_dict(), "step": step, "seconds": seconds,
                                                    "generator": generator.get_state()}, meta)
     bar.close()
     val_acc = evaluate_accuracy(model, val, batch_size=cfg.eval_batch_size, precision=cfg.precision)
-    result = {"method": model.config.method, "reduction": model.config.reduction, "steps": step,
+    result = {"method": model.config.method, "reduction": model.config.reduction, "steps": cfg.steps,
+              "distill_steps": cfg.distill_steps,
               "train_seconds": round(seconds, 1), "val_accuracy": val_acc,
               "trainable_parameters": model.trainable_parameters(), "val": val.description}
     save_converted(model, out, tokenizer=tokenizer, extra={"result": result, "train": asdict(cfg)})
