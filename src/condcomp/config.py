@@ -114,6 +114,16 @@ class SkipConfig(_Validated):
 
 
 @dataclass
+class RecurrenceConfig(_Validated):
+    """Settings of ``block: sru`` and ``block: srupp`` (one SRU / SRU++ layer per block, d_model cells)."""
+
+    attn_every: int = _field(1, ge=1, help="srupp: layer i has the attention projection when (i + 1) % attn_every == 0")
+    attn_size: int | None = _field(None, ge=1, help="srupp: attention width d'; default d_model / 4")
+    attn_heads: int = _field(1, ge=1, help="srupp: attention heads (must divide attn_size)")
+    highway_bias: float = _field(-2.0, help="initial reset-gate bias (SRU++: -2; SRU paper: 0)")
+
+
+@dataclass
 class ConditionalConfig(_Validated):
     """Settings of ``ffn: conditional`` and ``attention: conditional`` (CoLT5), decoder form."""
 
@@ -148,12 +158,18 @@ class ModelConfig(_Validated):
     mod: MoDConfig = _field(default_factory=MoDConfig)
     skip: SkipConfig = _field(default_factory=SkipConfig)
     conditional: ConditionalConfig = _field(default_factory=ConditionalConfig)
+    recurrence: RecurrenceConfig = _field(default_factory=RecurrenceConfig)
 
     def check(self) -> None:
         if self.ffn == "moe" and self.moe.router == "expert_choice" and self.moe.expert_choice_mode == "global":
             raise ConfigError(
                 "moe.expert_choice_mode: 'global' expert choice ranks tokens against future positions, so a "
                 "decoder would learn to read the future; use expert_choice_mode: per_position")
+        if self.block == "srupp":
+            attn = self.recurrence.attn_size or max(self.recurrence.attn_heads, self.d_model // 4)
+            if attn % self.recurrence.attn_heads:
+                raise ConfigError(f"recurrence.attn_heads: {self.recurrence.attn_heads} does not divide the "
+                                  f"attention width {attn} (recurrence.attn_size, default d_model / 4)")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model: {self.d_model} is not divisible by n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:

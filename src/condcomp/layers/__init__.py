@@ -10,6 +10,8 @@ from condcomp.layers.moe import MoE
 from condcomp.layers.norm import RMSNorm
 from condcomp.layers.rotary import Rotary
 from condcomp.layers.selected_block import LayerSkip, MixtureOfDepths
+from condcomp.layers.sru import SRU, SRULayer, SRUpp, SRUppAttention
 
 __all__ = ["Attention", "ConditionalAttention", "ConditionalFeedForward", "FeedForward", "KVCache", "LayerInfo",
-           "LayerSkip", "LocalAttention", "MixtureOfDepths", "MoE", "ModelCache", "RMSNorm", "Rotary"]
+           "LayerSkip", "LocalAttention", "MixtureOfDepths", "MoE", "ModelCache", "RMSNorm", "Rotary",
+           "SRU", "SRULayer", "SRUpp", "SRUppAttention"]

@@ -20,6 +20,7 @@ from condcomp.layers.info import LayerInfo, split_output
 from condcomp.layers.kv_cache import ModelCache
 from condcomp.layers.norm import RMSNorm
 from condcomp.layers.selected_block import LayerSkip, MixtureOfDepths
+from condcomp.layers.sru import SRULayer, SRUppAttention
 from condcomp.models import components
 from condcomp.routing import BinaryGate
 
@@ -112,6 +113,44 @@ def _skip_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     return LayerSkip(block, d_model=cfg.d_model, target_rate=cfg.skip.target_rate, temperature=cfg.skip.temperature)
 
 
+class RecurrentBlock(nn.Module):
+    """x + SRU(norm(x)) or x + SRU++(norm(x)): one recurrent layer of d_model cells in the residual
+    stream, in place of attention + FFN (SRU++ has no FFN; its recurrence carries the state).
+    Same interface as TransformerBlock; no key/value cache (generation recomputes)."""
+
+    supports_cache = False
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, attention: bool):
+        super().__init__()
+        rc = cfg.recurrence
+        self.d_model = cfg.d_model
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        proj = None
+        if attention and (layer_idx + 1) % rc.attn_every == 0:
+            attn_size = rc.attn_size or max(rc.attn_heads, cfg.d_model // 4)
+            proj = SRUppAttention(cfg.d_model, attn_size, 3 * cfg.d_model, n_heads=rc.attn_heads, causal=True,
+                                  dropout=cfg.dropout)
+        self.sru = SRULayer(cfg.d_model, cfg.d_model, highway_bias=rc.highway_bias, input_proj=proj)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: ModelCache | None = None):
+        if positions is not None or cache is not None:
+            raise ValueError("recurrent blocks run on whole sequences: no positions (MoD) and no cache")
+        real = None if padding_mask is None else padding_mask.t()
+        h, _ = self.sru(self.norm(x).transpose(0, 1), None, real)
+        return x + h.transpose(0, 1).to(x.dtype), LayerInfo()
+
+
+@components.register("block", "sru")
+def _sru_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    return RecurrentBlock(cfg, layer_idx, attention=False)
+
+
+@components.register("block", "srupp")
+def _srupp_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    return RecurrentBlock(cfg, layer_idx, attention=True)
+
+
 class Transformer(nn.Module):
     """Decoder LM. ``forward(tokens [batch, seq] int64) -> ModelOutput`` (logits [batch, seq, vocab])."""
 
@@ -149,8 +188,10 @@ class Transformer(nn.Module):
             is_residual_out = name.endswith(("out.weight", "down.weight", "experts.down"))
             nn.init.normal_(p, mean=0.0, std=residual_std if is_residual_out else std)
         for module in self.modules():
-            if isinstance(module, BinaryGate):
-                module.reset_parameters()  # its bias makes tokens start by running the block
+            if isinstance(module, (BinaryGate, SRULayer)):
+                # BinaryGate: its bias makes tokens start by running the block. SRULayer: the paper's
+                # initialisation of W, the recurrent weights v and the highway bias.
+                module.reset_parameters()
 
     def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None) -> ModelOutput:
         """tokens: [batch, seq] int64. cache: continue from the tokens a ModelCache has seen

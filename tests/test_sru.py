@@ -1,0 +1,184 @@
+"""SRU / SRU++: the fused recurrence against its reference, and the properties of the layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from condcomp.config import ConfigError, ModelConfig, RecurrenceConfig
+from condcomp.layers import SRU, SRUpp
+from condcomp.layers.sru_recurrence import sru_recurrence
+from condcomp.models import Transformer
+
+
+def recurrence_inputs(t=7, b=3, d=5, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randn(t, b, d, generator=g, dtype=dtype) for _ in range(4)]
+    vecs = [torch.randn(d, generator=g, dtype=dtype) for _ in range(4)]
+    c0 = torch.randn(b, d, generator=g, dtype=dtype)
+    return [a.requires_grad_(True) for a in (*seqs, *vecs, c0)]
+
+
+def ragged_mask(t, b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    lengths[0] = t
+    return torch.arange(t)[:, None] < lengths[None, :]       # [T, B]
+
+
+def copy_with_reference_path(model):
+    for layer in model.layers:
+        layer.fast = not layer.fast
+    return model
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_recurrence_float64_gradcheck(masked):
+    args = recurrence_inputs()
+    real = ragged_mask(7, 3) if masked else None
+    assert torch.autograd.gradcheck(lambda *a: sru_recurrence(*a, real), args)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_recurrence_equals_reference_on_outputs_states_and_gradients(masked):
+    args = recurrence_inputs(t=40, b=4, d=16, dtype=torch.float32)
+    real = ragged_mask(40, 4) if masked else None
+    h, c = sru_recurrence(*args, real)
+    h_ref, c_ref = sru_recurrence(*args, real, fast=False)
+    assert torch.allclose(h, h_ref, atol=1e-5) and torch.allclose(c, c_ref, atol=1e-5)
+    gh, gc = torch.randn_like(h), torch.randn_like(c)
+    grads = torch.autograd.grad((h * gh).sum() + (c * gc).sum(), args)
+    grads_ref = torch.autograd.grad((h_ref * gh).sum() + (c_ref * gc).sum(), args)
+    for a, b in zip(grads, grads_ref):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+
+
+LAYER_CASES = [
+    dict(input_size=8, hidden_size=8),                                 # highway adds the input
+    dict(input_size=6, hidden_size=8),                                 # highway projection (k = 4)
+    dict(input_size=8, hidden_size=4, bidirectional=True),
+    dict(input_size=5, hidden_size=4, bidirectional=True, layer_norm=True),
+]
+
+
+@pytest.mark.parametrize("options", LAYER_CASES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_sru_fast_path_equals_reference_path_including_all_gradients(options, masked):
+    torch.manual_seed(0)
+    model = SRU(num_layers=2, **options)
+    x = torch.randn(12, 3, options["input_size"], requires_grad=True)
+    real = ragged_mask(12, 3, seed=2) if masked else None
+    c0 = torch.randn(2, 3, model.hidden_size * model.dirs)
+    y, c = model(x, c0, real)
+    params = [x, *model.parameters()]
+    grads = torch.autograd.grad(y.pow(2).sum() + c.sum(), params)
+    y_ref, c_ref = copy_with_reference_path(model)(x, c0, real)
+    grads_ref = torch.autograd.grad(y_ref.pow(2).sum() + c_ref.sum(), params)
+    assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(c, c_ref, atol=1e-5)
+    for a, b in zip(grads, grads_ref):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options", LAYER_CASES)
+def test_padding_is_ignored_and_the_final_state_is_the_last_real_steps(options):
+    torch.manual_seed(1)
+    model = SRU(num_layers=2, **options).eval()
+    x = torch.randn(10, 4, options["input_size"])
+    real = ragged_mask(10, 4, seed=3)
+    y, c = model(x, padding_mask=real)
+    for i in range(4):
+        n = int(real[:, i].sum())
+        y_i, c_i = model(x[:n, i:i + 1])
+        assert torch.allclose(y[:n, i], y_i[:, 0], atol=1e-5)
+        assert torch.allclose(c[:, i], c_i[:, 0], atol=1e-5)
+        assert (y[n:, i] == 0).all()
+
+
+def test_batch_first_and_batch_invariance():
+    torch.manual_seed(2)
+    model = SRU(6, 6, 2, batch_first=True).eval()
+    x = torch.randn(5, 9, 6)
+    y, _ = model(x)
+    alone = torch.cat([model(x[i:i + 1])[0] for i in range(5)])
+    assert y.shape == (5, 9, 6) and torch.allclose(y, alone, atol=1e-6)
+
+
+def test_state_carried_across_chunks_equals_one_long_sequence():
+    torch.manual_seed(3)
+    model = SRU(4, 4, 3).eval()
+    x = torch.randn(20, 2, 4)
+    y, c = model(x)
+    y1, c1 = model(x[:8])
+    y2, c2 = model(x[8:], c1)
+    assert torch.allclose(torch.cat([y1, y2]), y, atol=1e-6) and torch.allclose(c2, c, atol=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(cut=st.integers(1, 11), seed=st.integers(0, 1000), attention=st.booleans())
+def test_unidirectional_outputs_never_depend_on_later_steps(cut, seed, attention):
+    torch.manual_seed(seed)
+    model = (SRUpp(6, 6, 2, n_heads=2, attn_size=4) if attention else SRU(6, 6, 2)).eval()
+    x = torch.randn(12, 2, 6)
+    changed = x.clone()
+    changed[cut:] = torch.randn(12 - cut, 2, 6)
+    assert torch.allclose(model(x)[0][:cut], model(changed)[0][:cut], atol=1e-6)
+
+
+def test_srupp_padding_is_ignored():
+    torch.manual_seed(4)
+    model = SRUpp(8, 8, 2, n_heads=2, attn_every=1).eval()
+    x = torch.randn(9, 3, 8)
+    real = ragged_mask(9, 3, seed=5)
+    y, c = model(x, padding_mask=real)
+    for i in range(3):
+        n = int(real[:, i].sum())
+        y_i, c_i = model(x[:n, i:i + 1])
+        assert torch.allclose(y[:n, i], y_i[:, 0], atol=1e-5) and torch.allclose(c[:, i], c_i[:, 0], atol=1e-5)
+
+
+def test_srupp_starts_with_zero_attention_weight_and_attends_only_every_nth_layer():
+    model = SRUpp(8, 8, 4, attn_every=2)
+    attends = [layer.attends for layer in model.layers]
+    assert attends == [False, True, False, True]
+    assert all(layer.input_proj.alpha.item() == 0.0 for layer in model.layers if layer.attends)
+
+
+def test_paper_initialisation():
+    layer = SRU(64, 64, 1, highway_bias=-2.0).layers[0]
+    assert layer.input_proj.weight.abs().max() <= (3 / 64) ** 0.5
+    assert layer.v.abs().max() <= (3 * 0.5) ** 0.5
+    assert (layer.b[:, 0] == 0).all() and (layer.b[:, 1] == -2.0).all()
+    assert layer.alpha == pytest.approx((1 + 2 * torch.e ** -2.0) ** 0.5)
+
+
+def test_bad_arguments_fail_with_the_fix_named():
+    with pytest.raises(ValueError, match="dropout"):
+        SRU(4, 4, dropout=1.5)
+    with pytest.raises(ValueError, match="c0 must have shape"):
+        SRU(4, 4, 2)(torch.randn(3, 2, 4), torch.zeros(1, 2, 4))
+    with pytest.raises(ConfigError, match="attn_heads"):
+        ModelConfig(d_model=64, n_heads=2, block="srupp", recurrence=RecurrenceConfig(attn_heads=3))
+
+
+@pytest.mark.parametrize("block", ["sru", "srupp"])
+def test_recurrent_language_model_is_causal_and_learns(block):
+    torch.manual_seed(5)
+    model = Transformer(ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=32, block=block))
+    tokens = torch.randint(0, 256, (2, 20))
+    changed = tokens.clone()
+    changed[:, 12:] = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens).logits[:, :12], model(changed).logits[:, :12], atol=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = torch.randint(0, 16, (4, 21))
+    losses = []
+    for _ in range(30):
+        logits = model(batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), batch[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
