@@ -14,11 +14,10 @@ from condcomp.models import Transformer
 
 
 def recurrence_inputs(t=7, b=3, d=5, dtype=torch.float64, seed=0):
+    """u [T, B, 3, d], xs [T, B, d], v [2, d], b [2, d], c0 [B, d]."""
     g = torch.Generator().manual_seed(seed)
-    seqs = [torch.randn(t, b, d, generator=g, dtype=dtype) for _ in range(4)]
-    vecs = [torch.randn(d, generator=g, dtype=dtype) for _ in range(4)]
-    c0 = torch.randn(b, d, generator=g, dtype=dtype)
-    return [a.requires_grad_(True) for a in (*seqs, *vecs, c0)]
+    shapes = [(t, b, 3, d), (t, b, d), (2, d), (2, d), (b, d)]
+    return [torch.randn(*s, generator=g, dtype=dtype).requires_grad_(True) for s in shapes]
 
 
 def ragged_mask(t, b, seed=0):

@@ -68,20 +68,18 @@ class SRULayer(nn.Module):
             xs = u[:, :, :, 3]
         c0 = x.new_zeros(b, self.dirs * hd) if c0 is None else c0
         if self.dirs == 1:
-            return sru_recurrence(u[:, :, 0, 0], u[:, :, 0, 1], u[:, :, 0, 2], xs[:, :, 0], self.v[0, 0], self.v[0, 1],
-                                  self.b[0, 0], self.b[0, 1], c0, real, fast=self.fast)
+            return sru_recurrence(u[:, :, 0, :3], xs[:, :, 0], self.v[0], self.b[0], c0, real, fast=self.fast)
         # Both directions in one recurrence: the backward direction's inputs are reversed in time and
         # laid next to the forward ones along the feature axis (padding then comes first and, as
         # padded steps leave the cell alone, the reverse pass starts at each sequence's last token).
-        def both(z):  # [T, B, 2, hd] -> [T, B, 2 * hd]
+        def both(z):  # [T, B, 2, ..., hd] -> [T, B, ..., 2 * hd]
             return torch.cat([z[:, :, 0], z[:, :, 1].flip(0)], -1)
 
         mask = None
         if real is not None:
             mask = torch.cat([real[..., None].expand(t, b, hd), real.flip(0)[..., None].expand(t, b, hd)], -1)
-        h, c = sru_recurrence(both(u[:, :, :, 0]), both(u[:, :, :, 1]), both(u[:, :, :, 2]), both(xs),
-                              self.v[:, 0].reshape(-1), self.v[:, 1].reshape(-1), self.b[:, 0].reshape(-1),
-                              self.b[:, 1].reshape(-1), c0, mask, fast=self.fast)
+        vb = (torch.cat([self.v[0], self.v[1]], -1), torch.cat([self.b[0], self.b[1]], -1))  # [2, 2 * hd]
+        h, c = sru_recurrence(both(u[:, :, :, :3]), both(xs), *vb, c0, mask, fast=self.fast)
         h = torch.cat([h[..., :hd], h[..., hd:].flip(0)], -1)
         return h, c
 

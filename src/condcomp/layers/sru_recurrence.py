@@ -1,6 +1,7 @@
 """SRU's element-wise recurrence over time, with a fused CPU path and a plain reference twin.
 
-For every time step t (all arguments [T, batch, d] unless said otherwise):
+For every time step t, with u = [ux, uf, ur] the input projection ([T, batch, 3, d]), v = [v_f, v_r]
+and b = [b_f, b_r] ([2, d]):
 
     f_t = sigmoid(uf_t + v_f * c_{t-1} + b_f)          forget gate
     r_t = sigmoid(ur_t + v_r * c_{t-1} + b_r)          reset (highway) gate
@@ -11,7 +12,9 @@ Only c depends on the previous step, and only through f, so the fast path loops 
 three element-wise kernels per step (addcmul, sigmoid, lerp) and computes r and h for all steps at
 once afterwards. Its backward is written by hand: every gate is recomputed from the saved cells in
 one vectorised pass, and the only sequential part left is the linear carry of dL/dc, two kernels per
-step. No autograd graph is recorded per step, which is what makes a per-step loop slow.
+step. No autograd graph is recorded per step, which is what makes a per-step loop slow. The
+gradient of u is written into one [T, batch, 3, d] tensor (no per-slice scatter by autograd), and
+intermediates are updated in place where they are not needed again: the backward is memory-bound.
 
 Padding (real [T, batch] or [T, batch, d] bool, False = padded) leaves the cell unchanged and outputs 0, so a
 sequence's final cell is the one after its last real step. The fast path does this by forcing
@@ -23,74 +26,111 @@ from __future__ import annotations
 import torch
 
 
+def _forget_and_reset(u, b, v, c0, cells, real):
+    """Gates of every step from the cells before it: f, r [T, B, d] (f = 1 on padded steps)."""
+    f, r = u[:, :, 1] + b[0], u[:, :, 2] + b[1]
+    for gate, w in ((f, v[0]), (r, v[1])):
+        gate[0].addcmul_(w, c0)
+        gate[1:].addcmul_(w, cells[:-1])
+    if real is not None:
+        f.masked_fill_(~real, float("inf"))
+    return f.sigmoid_(), r.sigmoid_()
+
+
+def _candidate(u, real):
+    """ux with padded steps zeroed (with f = 1 there, c = lerp(0, c, 1) = c exactly)."""
+    return u[:, :, 0] if real is None else u[:, :, 0].masked_fill(~real, 0.0)
+
+
 class _SRURecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ux, uf, ur, xs, v_f, v_r, b_f, b_r, c0, real):
-        pf = uf + b_f
+    def forward(ctx, u, xs, v, b, c0, real):
+        ux = _candidate(u, real)
+        pf = u[:, :, 1] + b[0]
         if real is not None:
-            pad = ~real
-            pf = pf.masked_fill(pad, float("inf"))
-            ux = ux.masked_fill(pad, 0.0)
+            pf.masked_fill_(~real, float("inf"))
         cells = torch.empty_like(ux)
         c = c0
         for t in range(ux.shape[0]):
-            f = torch.addcmul(pf[t], v_f, c).sigmoid_()
+            f = torch.addcmul(pf[t], v[0], c).sigmoid_()
             c = torch.lerp(ux[t], c, f, out=cells[t])  # ux + f * (c - ux)
-        prev = torch.cat([c0[None], cells[:-1]])
-        r = torch.addcmul(ur + b_r, v_r, prev).sigmoid_()
-        h = torch.lerp(xs, cells, r)
+        del pf
+        r = u[:, :, 2] + b[1]
+        r[0].addcmul_(v[1], c0)
+        r[1:].addcmul_(v[1], cells[:-1])
+        h = torch.lerp(xs, cells, r.sigmoid_())
         if real is not None:
-            h = h.masked_fill(pad, 0.0)
-        ctx.save_for_backward(ux, pf, ur, xs, v_f, v_r, b_r, c0, cells, real)
+            h.masked_fill_(~real, 0.0)
+        # Saved: the inputs (the projection already exists) and the cells; gates are recomputed.
+        ctx.save_for_backward(u, xs, v, b, c0, real, cells)
         return h, cells[-1].clone()
 
     @staticmethod
     def backward(ctx, grad_h, grad_c_last):
-        ux, pf, ur, xs, v_f, v_r, b_r, c0, cells, real = ctx.saved_tensors
-        prev = torch.cat([c0[None], cells[:-1]])
-        f = torch.addcmul(pf, v_f, prev).sigmoid_()
-        r = torch.addcmul(ur + b_r, v_r, prev).sigmoid_()
+        u, xs, v, b, c0, real, cells = ctx.saved_tensors
+        f, r = _forget_and_reset(u, b, v, c0, cells, real)
         gh = grad_h if real is None else grad_h.masked_fill(~real, 0.0)
-        d_rpre = gh * (cells - xs) * r * (1 - r)
-        d_xs = gh * (1 - r)
-        gate_slope = (prev - ux) * f * (1 - f)          # d c_t / d (forget pre-activation)
-        through = torch.addcmul(f, gate_slope, v_f)     # d c_t / d c_{t-1}
-        from_h = gh * r                                 # dL/dc_t from h_t
-        from_r = d_rpre * v_r                           # dL/dc_{t-1} through r_t
+        du = torch.empty_like(u if u.is_contiguous() else u.contiguous())
+        d_ux, d_fpre, d_rpre = du[:, :, 0], du[:, :, 1], du[:, :, 2]
+        # reset gate: h = xs + r (c - xs)
+        torch.sub(cells, xs, out=d_rpre).mul_(gh)
+        one_minus = torch.rsub(r, 1)
+        d_xs = gh * one_minus
+        d_rpre.mul_(one_minus.mul_(r))                  # dL/d(reset pre-activation)
+        from_h = r.mul_(gh)                             # dL/dc_t through h_t
+        from_r = torch.mul(d_rpre, v[1], out=one_minus)  # dL/dc_{t-1} through r_t
+        # forget gate: c_t = ux + f (c_{t-1} - ux)
+        slope = torch.empty_like(cells)                 # d c_t / d(forget pre-activation)
+        ux = _candidate(u, real)
+        torch.sub(c0, ux[0], out=slope[0])
+        torch.sub(cells[:-1], ux[1:], out=slope[1:])
+        d_ux.fill_(1).sub_(f)                           # holds 1 - f until the end
+        slope.mul_(f).mul_(d_ux)
+        through = f.addcmul_(slope, v[0])               # d c_t / d c_{t-1}
         d_cells = torch.empty_like(cells)
         carry = grad_c_last if grad_c_last is not None else torch.zeros_like(c0)
         for t in range(cells.shape[0] - 1, -1, -1):
             dc = torch.add(carry, from_h[t], out=d_cells[t])
             carry = torch.addcmul(from_r[t], dc, through[t])
-        d_fpre = d_cells * gate_slope
-        d_ux = d_cells * (1 - f)
-        return (d_ux, d_fpre, d_rpre, d_xs, (d_fpre * prev).sum((0, 1)), (d_rpre * prev).sum((0, 1)),
-                d_fpre.sum((0, 1)), d_rpre.sum((0, 1)), carry, None)
+        torch.mul(d_cells, slope, out=d_fpre)
+        d_ux.mul_(d_cells)
+        # recurrent weights: sum over steps and batch of dL/d(pre-activation) * c_{t-1}
+        dv = torch.empty_like(v)
+        for i, d_pre in ((0, d_fpre), (1, d_rpre)):
+            prod = torch.mul(d_pre[1:], cells[:-1], out=d_cells[1:])
+            dv[i] = prod.sum((0, 1)) + (d_pre[0] * c0).sum(0)
+        return du, d_xs, dv, du[:, :, 1:].sum((0, 1)), carry, None
 
 
-def sru_recurrence(ux, uf, ur, xs, v_f, v_r, b_f, b_r, c0, real=None, *, fast: bool = True):
-    """Run the recurrence. ux, uf, ur, xs: [T, batch, d]; v_f, v_r, b_f, b_r: [d]; c0: [batch, d];
-    real: [T, batch] or [T, batch, d] bool (False = padded) or None. Returns (h [T, batch, d], c_last [batch, d]), in float32 or float64
-    (the recurrence never runs in bf16: errors would compound over time steps)."""
-    dtype = torch.float64 if ux.dtype == torch.float64 else torch.float32
-    args = [a.to(dtype) for a in (ux, uf, ur, xs, v_f, v_r, b_f, b_r, c0)]
+def sru_recurrence(u, xs, v, b, c0, real=None, *, fast: bool = True):
+    """Run the recurrence.
+
+    u: [T, batch, 3, d] (candidate, forget and reset pre-activations; a view is fine).
+    xs: [T, batch, d] highway input. v, b: [2, d] recurrent weights and biases (forget, reset).
+    c0: [batch, d]. real: [T, batch] or [T, batch, d] bool (False = padded) or None.
+    Returns (h [T, batch, d], c_last [batch, d]) in float32 (float64 if u is): the recurrence never
+    runs in bf16, whose rounding would compound over time steps.
+    """
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u, xs, v, b, c0 = (a.to(dtype) for a in (u, xs, v, b, c0))
     if real is not None:
         real = real.to(torch.bool)
         if real.dim() == 2:
             real = real[..., None]
-    with torch.autocast(ux.device.type, enabled=False):
+    with torch.autocast(u.device.type, enabled=False):
         if fast:
-            return _SRURecurrence.apply(*args, real)
-        return sru_recurrence_reference(*args, real)
+            return _SRURecurrence.apply(u, xs, v, b, c0, real)
+        return sru_recurrence_reference(u, xs, v, b, c0, real)
 
 
-def sru_recurrence_reference(ux, uf, ur, xs, v_f, v_r, b_f, b_r, c0, real=None):
-    """The same recurrence step by step, differentiated by autograd (the reference twin)."""
+def sru_recurrence_reference(u, xs, v, b, c0, real=None):
+    """The same recurrence step by step, differentiated by autograd (the reference twin).
+    real: [T, batch, 1] or [T, batch, d] bool or None."""
     c, outputs = c0, []
-    for t in range(ux.shape[0]):
-        f = torch.sigmoid(uf[t] + v_f * c + b_f)
-        r = torch.sigmoid(ur[t] + v_r * c + b_r)
-        c_new = f * c + (1 - f) * ux[t]
+    for t in range(u.shape[0]):
+        f = torch.sigmoid(u[t, :, 1] + v[0] * c + b[0])
+        r = torch.sigmoid(u[t, :, 2] + v[1] * c + b[1])
+        c_new = f * c + (1 - f) * u[t, :, 0]
         h = r * c_new + (1 - r) * xs[t]
         if real is not None:
             keep = real[t]

@@ -1,0 +1,91 @@
+"""SRU against torch.nn.LSTM / GRU (and the `sru` package when installed), ratios in one run.
+
+seq 256 and 1024, batch 16, 256 -> 256, 2 layers, fp32. Forward (no grad) and forward+backward.
+Goal: SRU forward+backward >= 3x faster than nn.LSTM at both lengths; time and activation memory
+linear in the sequence length; activation memory no more than nn.LSTM's.
+
+Activation memory = bytes autograd saves for backward plus the output (condcomp.bench.saved_bytes).
+nn.LSTM / nn.GRU on CPU save through their own fused kernels, which the hook also sees.
+Rows are timed alternately, one call each per round (median of --rounds).
+
+    .venv/bin/python -u benchmarks/recurrence.py [--rounds 5 --lengths 256 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+import torch
+from torch import nn
+
+from condcomp.bench import parameter_storages, saved_bytes
+from condcomp.bench.measure import timed_alternating
+from condcomp.layers import SRU
+
+
+def models(d: int, layers: int) -> dict[str, nn.Module]:
+    rows = {"condcomp SRU (fused)": SRU(d, d, layers),
+            "condcomp SRU (reference loop)": SRU(d, d, layers, fast=False),
+            "torch.nn.LSTM": nn.LSTM(d, d, layers),
+            "torch.nn.GRU": nn.GRU(d, d, layers)}
+    if importlib.util.find_spec("sru") is not None:
+        import sru  # noqa: PLC0415 - optional peer; compiles its own extension when imported
+
+        rows["sru package"] = sru.SRU(d, d, num_layers=layers)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--d", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--skip-reference", action="store_true", help="leave out the slow reference-loop row")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    rows = models(args.d, args.layers)
+    if args.skip_reference:
+        rows.pop("condcomp SRU (reference loop)")
+    params = parameter_storages(rows.values())
+    print(f"threads {torch.get_num_threads()}, batch {args.batch}, {args.d} -> {args.d}, {args.layers} layers, fp32\n")
+    results = {}
+    for t in args.lengths:
+        x = torch.randn(t, args.batch, args.d)
+        xg = x.clone().requires_grad_(True)
+
+        def fwd(m):
+            def run():
+                with torch.no_grad():
+                    m(x)
+            return run
+
+        def both(m):
+            def run():
+                out = m(xg)[0]
+                out.sum().backward()
+            return run
+
+        f = timed_alternating({n: fwd(m) for n, m in rows.items()}, args.rounds)
+        fb = timed_alternating({n: both(m) for n, m in rows.items()}, args.rounds)
+        mem = {n: saved_bytes(lambda m=m: m(xg)[0], params) for n, m in rows.items()}
+        results[t] = (f, fb, mem)
+        lstm = "torch.nn.LSTM"
+        print(f"seq {t}")
+        print(f"| model | fwd ms | LSTM / this | fwd+bwd ms | LSTM / this | act MiB | this / LSTM |")
+        print("|---|---|---|---|---|---|---|")
+        for n in rows:
+            print(f"| {n} | {f[n] * 1e3:.1f} | {f[lstm] / f[n]:.2f}x | {fb[n] * 1e3:.1f} | {fb[lstm] / fb[n]:.2f}x | "
+                  f"{mem[n] / 2**20:.1f} | {mem[n] / mem[lstm]:.2f}x |")
+        print(flush=True)
+    if len(args.lengths) > 1:
+        a, b = args.lengths[0], args.lengths[-1]
+        print(f"growth from seq {a} to {b} (x{b / a:g} tokens): fwd+bwd time, activation memory")
+        for n in rows:
+            print(f"  {n:32} {results[b][1][n] / results[a][1][n]:5.2f}x  {results[b][2][n] / results[a][2][n]:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
