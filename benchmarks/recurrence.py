@@ -1,6 +1,8 @@
 """SRU against torch.nn.LSTM / GRU (and the `sru` package when installed), ratios in one run.
 
-seq 256 and 1024, batch 16, 256 -> 256, 2 layers, fp32. Forward (no grad) and forward+backward.
+seq 256 and 1024, batch 16, 256 -> 256, 2 layers. Forward (no grad) and forward+backward, each
+model in fp32 and under bf16 autocast (SRU's projection runs in bf16 and its recurrence stays
+fp32; nn.LSTM / nn.GRU run their whole fused kernel in bf16). Ratios are against fp32 nn.LSTM.
 Goal: SRU forward+backward >= 3x faster than nn.LSTM at both lengths; time and activation memory
 linear in the sequence length; activation memory no more than nn.LSTM's.
 
@@ -24,15 +26,17 @@ from condcomp.bench.measure import timed_alternating
 from condcomp.layers import SRU
 
 
-def models(d: int, layers: int) -> dict[str, nn.Module]:
-    rows = {"condcomp SRU (fused)": SRU(d, d, layers),
-            "condcomp SRU (reference loop)": SRU(d, d, layers, fast=False),
-            "torch.nn.LSTM": nn.LSTM(d, d, layers),
-            "torch.nn.GRU": nn.GRU(d, d, layers)}
+def models(d: int, layers: int) -> dict[str, tuple[nn.Module, bool]]:
+    """name -> (module, bf16 autocast)."""
+    sru, lstm, gru = SRU(d, d, layers), nn.LSTM(d, d, layers), nn.GRU(d, d, layers)
+    rows = {"condcomp SRU (fused)": (sru, False), "condcomp SRU (fused), bf16": (sru, True),
+            "condcomp SRU (reference loop)": (SRU(d, d, layers, fast=False), False),
+            "torch.nn.LSTM": (lstm, False), "torch.nn.LSTM, bf16": (lstm, True),
+            "torch.nn.GRU": (gru, False), "torch.nn.GRU, bf16": (gru, True)}
     if importlib.util.find_spec("sru") is not None:
-        import sru  # noqa: PLC0415 - optional peer; compiles its own extension when imported
+        import sru as sru_package  # noqa: PLC0415 - optional peer; compiles its own extension when imported
 
-        rows["sru package"] = sru.SRU(d, d, num_layers=layers)
+        rows["sru package"] = (sru_package.SRU(d, d, num_layers=layers), False)
     return rows
 
 
@@ -49,28 +53,35 @@ def main() -> None:
     rows = models(args.d, args.layers)
     if args.skip_reference:
         rows.pop("condcomp SRU (reference loop)")
-    params = parameter_storages(rows.values())
-    print(f"threads {torch.get_num_threads()}, batch {args.batch}, {args.d} -> {args.d}, {args.layers} layers, fp32\n")
+    params = parameter_storages(m for m, _ in rows.values())
+    print(f"threads {torch.get_num_threads()}, batch {args.batch}, {args.d} -> {args.d}, {args.layers} layers\n")
     results = {}
     for t in args.lengths:
         x = torch.randn(t, args.batch, args.d)
         xg = x.clone().requires_grad_(True)
 
-        def fwd(m):
+        def fwd(m, bf16):
             def run():
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     m(x)
             return run
 
-        def both(m):
+        def both(m, bf16):
             def run():
-                out = m(xg)[0]
-                out.sum().backward()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    out = m(xg)[0]
+                out.float().sum().backward()
             return run
 
-        f = timed_alternating({n: fwd(m) for n, m in rows.items()}, args.rounds)
-        fb = timed_alternating({n: both(m) for n, m in rows.items()}, args.rounds)
-        mem = {n: saved_bytes(lambda m=m: m(xg)[0], params) for n, m in rows.items()}
+        def saved(m, bf16):
+            def run():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    return m(xg)[0]
+            return saved_bytes(run, params)
+
+        f = timed_alternating({n: fwd(*mb) for n, mb in rows.items()}, args.rounds)
+        fb = timed_alternating({n: both(*mb) for n, mb in rows.items()}, args.rounds)
+        mem = {n: saved(*mb) for n, mb in rows.items()}
         results[t] = (f, fb, mem)
         lstm = "torch.nn.LSTM"
         print(f"seq {t}")
@@ -84,7 +95,7 @@ def main() -> None:
         a, b = args.lengths[0], args.lengths[-1]
         print(f"growth from seq {a} to {b} (x{b / a:g} tokens): fwd+bwd time, activation memory")
         for n in rows:
-            print(f"  {n:32} {results[b][1][n] / results[a][1][n]:5.2f}x  {results[b][2][n] / results[a][2][n]:5.2f}x")
+            print(f"  {n:34} {results[b][1][n] / results[a][1][n]:5.2f}x  {results[b][2][n] / results[a][2][n]:5.2f}x")
 
 
 if __name__ == "__main__":
