@@ -309,6 +309,18 @@ def test_missing_data_or_model_package_names_the_package_to_install(monkeypatch)
         load_encoder("minilm")
 
 
+def test_user_jsonl_is_split_deterministically_with_sorted_label_names(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"body": f"text {i}", "topic": ["b", "a", "c"][i % 3]}) for i in range(200)))
+    parts = [load_labelled(str(path), s, text_column="body", label_column="topic") for s in ("train", "val", "test")]
+    assert sum(len(p) for p in parts) == 200 and all(len(p) > 0 for p in parts)
+    assert parts[0].label_names == ["a", "b", "c"]
+    again = load_labelled(str(path), "test", text_column="body", label_column="topic")
+    assert again.texts == parts[2].texts and again.labels == parts[2].labels
+    assert all(["b", "a", "c"][int(t.split()[1]) % 3] == parts[2].label_names[y]
+               for t, y in zip(parts[2].texts, parts[2].labels))
+
+
 def test_user_csv_with_wrong_column_names_says_which_to_pass(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("sentence,y\nhello,1\nbye,0\n")
