@@ -33,15 +33,24 @@ def copy_with_reference_path(model):
     return model
 
 
+@pytest.fixture(params=[64, 3], ids=["one-chunk", "chunks-of-3"])
+def chunk(request, monkeypatch):
+    """Run the fused path with its default chunk and with chunks of 3 steps (chunk edges inside)."""
+    import condcomp.layers.sru_recurrence as rec
+
+    monkeypatch.setattr(rec, "CHUNK", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("masked", [False, True])
-def test_fused_recurrence_float64_gradcheck(masked):
+def test_fused_recurrence_float64_gradcheck(masked, chunk):
     args = recurrence_inputs()
     real = ragged_mask(7, 3) if masked else None
     assert torch.autograd.gradcheck(lambda *a: sru_recurrence(*a, real), args)
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_fused_recurrence_equals_reference_on_outputs_states_and_gradients(masked):
+def test_fused_recurrence_equals_reference_on_outputs_states_and_gradients(masked, chunk):
     args = recurrence_inputs(t=40, b=4, d=16, dtype=torch.float32)
     real = ragged_mask(40, 4) if masked else None
     h, c = sru_recurrence(*args, real)
@@ -64,7 +73,7 @@ LAYER_CASES = [
 
 @pytest.mark.parametrize("options", LAYER_CASES)
 @pytest.mark.parametrize("masked", [False, True])
-def test_sru_fast_path_equals_reference_path_including_all_gradients(options, masked):
+def test_sru_fast_path_equals_reference_path_including_all_gradients(options, masked, chunk):
     torch.manual_seed(0)
     model = SRU(num_layers=2, **options)
     x = torch.randn(12, 3, options["input_size"], requires_grad=True)

@@ -14,7 +14,8 @@ once afterwards. Its backward is written by hand: every gate is recomputed from 
 one vectorised pass, and the only sequential part left is the linear carry of dL/dc, two kernels per
 step. No autograd graph is recorded per step, which is what makes a per-step loop slow. The
 gradient of u is written into one [T, batch, 3, d] tensor (no per-slice scatter by autograd), and
-intermediates are updated in place where they are not needed again: the backward is memory-bound.
+intermediates are updated in place where they are not needed again. Both directions work through
+the sequence in chunks of CHUNK steps, so each chunk's tensors stay in cache.
 
 Padding (real [T, batch] or [T, batch, d] bool, False = padded) leaves the cell unchanged and outputs 0, so a
 sequence's final cell is the one after its last real step. The fast path does this by forcing
@@ -26,11 +27,17 @@ from __future__ import annotations
 import torch
 
 
-def _forget_and_reset(u, b, v, c0, cells, real):
-    """Gates of every step from the cells before it: f, r [T, B, d] (f = 1 on padded steps)."""
+CHUNK = 64
+"""Time steps per chunk: the vectorised work runs chunk by chunk so that a chunk's tensors
+([CHUNK, batch, d]) stay in cache; whole-sequence passes made long sequences memory-bound."""
+
+
+def _forget_and_reset(u, b, v, c_before, cells, real):
+    """Gates of a chunk from the cells before each step: f, r [t, B, d] (f = 1 on padded steps).
+    c_before: [B, d], the cell before the chunk's first step; cells: the chunk's cells."""
     f, r = u[:, :, 1] + b[0], u[:, :, 2] + b[1]
     for gate, w in ((f, v[0]), (r, v[1])):
-        gate[0].addcmul_(w, c0)
+        gate[0].addcmul_(w, c_before)
         gate[1:].addcmul_(w, cells[:-1])
     if real is not None:
         f.masked_fill_(~real, float("inf"))
@@ -42,25 +49,31 @@ def _candidate(u, real):
     return u[:, :, 0] if real is None else u[:, :, 0].masked_fill(~real, 0.0)
 
 
+def _chunks(n: int):
+    return [(s, min(n, s + CHUNK)) for s in range(0, n, CHUNK)]
+
+
 class _SRURecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, xs, v, b, c0, real):
-        ux = _candidate(u, real)
-        pf = u[:, :, 1] + b[0]
-        if real is not None:
-            pf.masked_fill_(~real, float("inf"))
-        cells = torch.empty_like(ux)
+        cells = torch.empty_like(xs)
+        h = torch.empty_like(xs)
         c = c0
-        for t in range(ux.shape[0]):
-            f = torch.addcmul(pf[t], v[0], c).sigmoid_()
-            c = torch.lerp(ux[t], c, f, out=cells[t])  # ux + f * (c - ux)
-        del pf
-        r = u[:, :, 2] + b[1]
-        r[0].addcmul_(v[1], c0)
-        r[1:].addcmul_(v[1], cells[:-1])
-        h = torch.lerp(xs, cells, r.sigmoid_())
-        if real is not None:
-            h.masked_fill_(~real, 0.0)
+        for s, e in _chunks(u.shape[0]):
+            uc, rc, before = u[s:e], None if real is None else real[s:e], c
+            ux = _candidate(uc, rc)
+            pf = uc[:, :, 1] + b[0]
+            if rc is not None:
+                pf.masked_fill_(~rc, float("inf"))
+            for t in range(e - s):
+                f = torch.addcmul(pf[t], v[0], c).sigmoid_()
+                c = torch.lerp(ux[t], c, f, out=cells[s + t])  # ux + f * (c - ux)
+            r = uc[:, :, 2] + b[1]
+            r[0].addcmul_(v[1], before)
+            r[1:].addcmul_(v[1], cells[s:e - 1])
+            torch.lerp(xs[s:e], cells[s:e], r.sigmoid_(), out=h[s:e])
+            if rc is not None:
+                h[s:e].masked_fill_(~rc, 0.0)
         # Saved: the inputs (the projection already exists) and the cells; gates are recomputed.
         ctx.save_for_backward(u, xs, v, b, c0, real, cells)
         return h, cells[-1].clone()
@@ -68,37 +81,41 @@ class _SRURecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h, grad_c_last):
         u, xs, v, b, c0, real, cells = ctx.saved_tensors
-        f, r = _forget_and_reset(u, b, v, c0, cells, real)
-        gh = grad_h if real is None else grad_h.masked_fill(~real, 0.0)
-        du = torch.empty_like(u if u.is_contiguous() else u.contiguous())
-        d_ux, d_fpre, d_rpre = du[:, :, 0], du[:, :, 1], du[:, :, 2]
-        # reset gate: h = xs + r (c - xs)
-        torch.sub(cells, xs, out=d_rpre).mul_(gh)
-        one_minus = torch.rsub(r, 1)
-        d_xs = gh * one_minus
-        d_rpre.mul_(one_minus.mul_(r))                  # dL/d(reset pre-activation)
-        from_h = r.mul_(gh)                             # dL/dc_t through h_t
-        from_r = torch.mul(d_rpre, v[1], out=one_minus)  # dL/dc_{t-1} through r_t
-        # forget gate: c_t = ux + f (c_{t-1} - ux)
-        slope = torch.empty_like(cells)                 # d c_t / d(forget pre-activation)
-        ux = _candidate(u, real)
-        torch.sub(c0, ux[0], out=slope[0])
-        torch.sub(cells[:-1], ux[1:], out=slope[1:])
-        d_ux.fill_(1).sub_(f)                           # holds 1 - f until the end
-        slope.mul_(f).mul_(d_ux)
-        through = f.addcmul_(slope, v[0])               # d c_t / d c_{t-1}
-        d_cells = torch.empty_like(cells)
+        du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+        d_xs = torch.empty_like(xs)
+        dv = torch.zeros_like(v)
         carry = grad_c_last if grad_c_last is not None else torch.zeros_like(c0)
-        for t in range(cells.shape[0] - 1, -1, -1):
-            dc = torch.add(carry, from_h[t], out=d_cells[t])
-            carry = torch.addcmul(from_r[t], dc, through[t])
-        torch.mul(d_cells, slope, out=d_fpre)
-        d_ux.mul_(d_cells)
-        # recurrent weights: sum over steps and batch of dL/d(pre-activation) * c_{t-1}
-        dv = torch.empty_like(v)
-        for i, d_pre in ((0, d_fpre), (1, d_rpre)):
-            prod = torch.mul(d_pre[1:], cells[:-1], out=d_cells[1:])
-            dv[i] = prod.sum((0, 1)) + (d_pre[0] * c0).sum(0)
+        for s, e in reversed(_chunks(u.shape[0])):
+            uc, cc, rc = u[s:e], cells[s:e], None if real is None else real[s:e]
+            before = c0 if s == 0 else cells[s - 1]
+            f, r = _forget_and_reset(uc, b, v, before, cc, rc)
+            gh = grad_h[s:e] if rc is None else grad_h[s:e].masked_fill(~rc, 0.0)
+            d_ux, d_fpre, d_rpre = du[s:e, :, 0], du[s:e, :, 1], du[s:e, :, 2]
+            # reset gate: h = xs + r (c - xs)
+            torch.sub(cc, xs[s:e], out=d_rpre).mul_(gh)
+            one_minus = torch.rsub(r, 1)
+            torch.mul(gh, one_minus, out=d_xs[s:e])
+            d_rpre.mul_(one_minus.mul_(r))                  # dL/d(reset pre-activation)
+            from_h = r.mul_(gh)                             # dL/dc_t through h_t
+            from_r = torch.mul(d_rpre, v[1], out=one_minus)  # dL/dc_{t-1} through r_t
+            # forget gate: c_t = ux + f (c_{t-1} - ux)
+            ux = _candidate(uc, rc)
+            slope = torch.empty_like(cc)                    # d c_t / d(forget pre-activation)
+            torch.sub(before, ux[0], out=slope[0])
+            torch.sub(cc[:-1], ux[1:], out=slope[1:])
+            d_ux.fill_(1).sub_(f)                           # holds 1 - f until the end
+            slope.mul_(f).mul_(d_ux)
+            through = f.addcmul_(slope, v[0])               # d c_t / d c_{t-1}
+            d_cells = torch.empty_like(cc)
+            for t in range(e - s - 1, -1, -1):
+                dc = torch.add(carry, from_h[t], out=d_cells[t])
+                carry = torch.addcmul(from_r[t], dc, through[t])
+            torch.mul(d_cells, slope, out=d_fpre)
+            d_ux.mul_(d_cells)
+            # recurrent weights: sum over steps and batch of dL/d(pre-activation) * c_{t-1}
+            for i, d_pre in ((0, d_fpre), (1, d_rpre)):
+                prod = torch.mul(d_pre[1:], cc[:-1], out=d_cells[1:])
+                dv[i] += prod.sum((0, 1)) + (d_pre[0] * before).sum(0)
         return du, d_xs, dv, du[:, :, 1:].sum((0, 1)), carry, None
 
 
