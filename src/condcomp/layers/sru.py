@@ -44,11 +44,15 @@ class SRULayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The paper's initialisation: W ~ U(+-sqrt(3 / d_in)), v ~ U(+-sqrt(3)) * sqrt(0.5),
-        forget bias 0, reset bias = highway_bias."""
-        if isinstance(self.input_proj, nn.Linear):
-            bound = math.sqrt(3.0 / self.input_size)
-            nn.init.uniform_(self.input_proj.weight, -bound, bound)
+        """The paper's initialisation: W ~ U(+-sqrt(3 / d_in)) (for SRU++, each projection of the
+        attention sub-layer likewise), v ~ U(+-sqrt(3)) * sqrt(0.5), forget bias 0, reset bias =
+        highway_bias."""
+        # Unit-variance projections, so the cells start at the scale of the input (also for SRU++'s
+        # attention projections: with a small init its cells start near 0 and the layer learns slowly).
+        for linear in self.input_proj.modules():
+            if isinstance(linear, nn.Linear):
+                bound = math.sqrt(3.0 / linear.in_features)
+                nn.init.uniform_(linear.weight, -bound, bound)
         nn.init.uniform_(self.v, -math.sqrt(3.0), math.sqrt(3.0))
         with torch.no_grad():
             self.v.mul_(math.sqrt(0.5))
