@@ -1,4 +1,4 @@
-"""CoDA: conditional adapters on a frozen pretrained encoder (papers.md section 5).
+"""CoDA: conditional adapters on a frozen pretrained encoder (Lei, Bai, Brahma et al., 2023).
 
 Each converted layer computes, for x: [batch, seq, d]
 

@@ -1,4 +1,4 @@
-"""CoLT5 conditional computation (Ainslie et al., 2023; papers.md section 3): a light branch for
+"""CoLT5 conditional computation (Ainslie et al., 2023): a light branch for
 every token plus a heavy branch only for the tokens a router picks."""
 
 from __future__ import annotations

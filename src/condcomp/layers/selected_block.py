@@ -84,7 +84,7 @@ class MixtureOfDepths(_SelectedBlock):
 
 
 class LayerSkip(_SelectedBlock):
-    """Learned per-token layer skipping (papers.md section 6): a binary gate per token decides
+    """Learned per-token layer skipping (Learning to Skip, Zeng et al., 2023): a binary gate per token decides
     whether the block runs on it (straight-through Gumbel-softmax in training, argmax at inference).
     Causal by construction. Aux loss "skip_rate" pulls the run rate toward ``target_rate``.
 

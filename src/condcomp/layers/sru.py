@@ -1,5 +1,5 @@
-"""SRU and SRU++ (papers.md section 8): one matmul for all time steps, then a light element-wise
-recurrence (``sru_recurrence``, fused on CPU).
+"""SRU (Lei et al., 2017) and SRU++ (Lei, 2021): one matmul for all time steps, then a light
+element-wise recurrence (``sru_recurrence``, fused on CPU).
 
 Shapes: x [seq, batch, input_size] (or [batch, seq, input_size] with batch_first);
 padding_mask with x's two leading dims, True = real; c0 / c_n [num_layers, batch, hidden * dirs].

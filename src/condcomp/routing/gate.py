@@ -1,4 +1,4 @@
-"""Binary run/skip gate per token (Learning to Skip, papers.md section 6)."""
+"""Binary run/skip gate per token (Learning to Skip, Zeng et al., 2023)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Soft top-k (CoLT5 / CoDA): differentiable weights in [0, 1] that sum to k.
 
 Solves  max_w  s.w + eps * H(w)   s.t.  sum(w) = k,  0 <= w <= 1   (H = entropy)
-by coordinate descent on the dual with epsilon scaling (papers.md section 4):
+by coordinate descent on the dual with epsilon scaling (CoLT5, Ainslie et al., 2023):
 
     repeat: a <- eps*ln(k) - eps*logsumexp((s + b) / eps);   b <- -relu(s + a)
     w = exp((s + a + b) / eps) = min(1, exp((s + a) / eps))

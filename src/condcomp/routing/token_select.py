@@ -34,7 +34,7 @@ class TokenSelectRouter(nn.Module):
         "sigmoid":    w = sigmoid(s_i): depends on the token alone (MoD-style, decoders).
 
     HAZARD — top-k over a sequence reads the future: whether token t is picked depends on later
-    tokens' scores. causal_scheme says how a decoder avoids it (papers.md section 7):
+    tokens' scores. causal_scheme says how a decoder avoids it (Raposo et al., 2024, mixture-of-depths):
         None:        no fix; ``causal`` is False and a decoder refuses to build.
         "aux_loss":  the router logit is trained (BCE, aux loss "router_bce") to predict top-k
                      membership; at inference (eval()) a token is computed iff s_i > 0.
