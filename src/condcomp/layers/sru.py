@@ -88,7 +88,32 @@ class SRULayer(nn.Module):
         return h, c
 
 
-class SRU(nn.Module):
+class _StackedLayers(nn.Module):
+    """Runs ``self.layers`` (SRULayer) in turn; dropout between layers. Subclasses build the layers
+    and set batch_first, num_layers, hidden_size, dirs and dropout."""
+
+    def forward(self, x: torch.Tensor, c0: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None):
+        if x.dim() != 3:
+            raise ValueError(f"SRU input must be 3-D ([seq, batch, features] or batch_first), got {tuple(x.shape)}")
+        if self.batch_first:
+            x = x.transpose(0, 1)
+            padding_mask = None if padding_mask is None else padding_mask.transpose(0, 1)
+        if padding_mask is not None and padding_mask.shape != x.shape[:2]:
+            raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} must match the input's leading dims")
+        expect = (self.num_layers, x.shape[1], self.hidden_size * self.dirs)
+        if c0 is not None and tuple(c0.shape) != expect:
+            raise ValueError(f"c0 must have shape [num_layers, batch, hidden * dirs] = {expect}, got {tuple(c0.shape)}")
+        cells = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(x, None if c0 is None else c0[i], padding_mask)
+            cells.append(c)
+            if self.dropout and self.training and i < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, True)
+        out = x.transpose(0, 1) if self.batch_first else x
+        return out, torch.stack(cells)
+
+
+class SRU(_StackedLayers):
     """Multi-layer SRU (Lei et al., 2017). forward(x, c0=None, padding_mask=None) -> (output, c_n).
 
     Args:
@@ -116,27 +141,6 @@ class SRU(nn.Module):
             SRULayer(input_size if i == 0 else hidden_size * self.dirs, hidden_size, bidirectional=bidirectional,
                      layer_norm=layer_norm, highway_bias=highway_bias, fast=fast) for i in range(num_layers))
         self.dropout = dropout
-
-    def forward(self, x: torch.Tensor, c0: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None):
-        if x.dim() != 3:
-            raise ValueError(f"SRU input must be 3-D ([seq, batch, features] or batch_first), got {tuple(x.shape)}")
-        if self.batch_first:
-            x = x.transpose(0, 1)
-            padding_mask = None if padding_mask is None else padding_mask.transpose(0, 1)
-        if padding_mask is not None and padding_mask.shape != x.shape[:2]:
-            raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} must match the input's leading dims")
-        expect = (self.num_layers, x.shape[1], self.hidden_size * self.dirs)
-        if c0 is not None and tuple(c0.shape) != expect:
-            raise ValueError(f"c0 must have shape [num_layers, batch, hidden * dirs] = {expect}, got {tuple(c0.shape)}")
-        cells = []
-        for i, layer in enumerate(self.layers):
-            x, c = layer(x, None if c0 is None else c0[i], padding_mask)
-            cells.append(c)
-            if self.dropout and self.training and i < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, True)
-        out = x.transpose(0, 1) if self.batch_first else x
-        return out, torch.stack(cells)
-
 
 class SRUppAttention(nn.Module):
     """SRU++'s input projection: z = W1 x (d -> d'), q = z, [k, v] = W2 z,
@@ -176,7 +180,7 @@ class SRUppAttention(nn.Module):
         return self.w3(self.norm(self.alpha * a + z))
 
 
-class SRUpp(nn.Module):
+class SRUpp(_StackedLayers):
     """SRU++ (Lei, 2021): SRU layers whose input projection is an attention sub-layer, on every
     ``attn_every``-th layer (the others keep the linear projection). Unidirectional.
 
@@ -200,16 +204,3 @@ class SRUpp(nn.Module):
                     if (i + 1) % attn_every == 0 else None)
             layers.append(SRULayer(d_in, hidden_size, highway_bias=highway_bias, input_proj=proj, fast=fast))
         self.layers = nn.ModuleList(layers)
-
-    def forward(self, x: torch.Tensor, c0: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None):
-        if self.batch_first:
-            x = x.transpose(0, 1)
-            padding_mask = None if padding_mask is None else padding_mask.transpose(0, 1)
-        cells = []
-        for i, layer in enumerate(self.layers):
-            x, c = layer(x, None if c0 is None else c0[i], padding_mask)
-            cells.append(c)
-            if self.dropout and self.training and i < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, True)
-        out = x.transpose(0, 1) if self.batch_first else x
-        return out, torch.stack(cells)
