@@ -166,8 +166,9 @@ class CodaLayer(nn.Module):
 class CodaClassifier(nn.Module):
     """A converted encoder with a mean-pooling classification head.
 
-    forward(input_ids [b, t] int64, attention_mask [b, t] 0/1) -> logits [b, num_labels]; every
-    layer's routing metrics are in ``self.last_metrics`` after a forward (for logging only).
+    forward(input_ids [b, t] int64, attention_mask [b, t] 0/1) -> logits [b, num_labels].
+    ``classify`` returns the logits with each layer's routing metrics ("layer{i}.fraction_selected",
+    ...), for logging.
     """
 
     def __init__(self, base: nn.Module, config: CodaConfig):
@@ -192,7 +193,6 @@ class CodaClassifier(nn.Module):
                 wrapped.append(FrozenLayer(layer))
         self.layers = nn.ModuleList(wrapped)
         self.head = nn.Linear(d_model, config.num_labels)
-        self.last_metrics: dict[str, torch.Tensor] = {}
         self._freeze()
 
     def _freeze(self) -> None:
@@ -217,6 +217,9 @@ class CodaClassifier(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """-> last hidden states [batch, seq, d]."""
+        return self._encode(input_ids, attention_mask, token_type_ids)[0]
+
+    def _encode(self, input_ids, attention_mask, token_type_ids=None):
         real = attention_mask.to(torch.bool)
         if not bool(real.any(dim=1).all()):
             raise ConvertError("every sequence needs at least one real token (attention_mask all zero in a row)")
@@ -225,8 +228,7 @@ class CodaClassifier(nn.Module):
         for i, layer in enumerate(self.layers):
             h, layer_metrics = layer(h, real)
             metrics.update({f"layer{i}.{k}": v for k, v in layer_metrics.items()})
-        self.last_metrics = metrics
-        return h
+        return h, metrics
 
     def pretrained_encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -248,12 +250,17 @@ class CodaClassifier(nn.Module):
         real = attention_mask.to(torch.bool)
         return (h[real].float() - target[real].float()).pow(2).mean()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.encode(input_ids, attention_mask, token_type_ids)
+    def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """-> (logits [batch, num_labels], routing metrics by layer)."""
+        h, metrics = self._encode(input_ids, attention_mask, token_type_ids)
         m = attention_mask.to(h.dtype)[..., None]
         pooled = (h * m).sum(1) / m.sum(1)
-        return self.head(pooled)
+        return self.head(pooled), metrics
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classify(input_ids, attention_mask, token_type_ids)[0]
 
 
 def convert(base: nn.Module, config: CodaConfig | None = None, **options) -> CodaClassifier:

@@ -142,9 +142,10 @@ def train_classifier(model: CodaClassifier, train: Tokenized, val: Tokenized, cf
             started = time.perf_counter()
             with autocast(cfg.precision):
                 if distilling:
-                    loss = model.distillation_loss(ids, mask)
+                    loss, metrics = model.distillation_loss(ids, mask), {}
                 else:
-                    loss = F.cross_entropy(model(ids, mask).float(), labels)
+                    logits, metrics = model.classify(ids, mask)
+                    loss = F.cross_entropy(logits.float(), labels)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss is {loss.item()} at step {step}; lower --lr (now {cfg.lr}) "
                                     f"or resume from the last checkpoint in {out / 'checkpoints'}")
@@ -157,8 +158,7 @@ def train_classifier(model: CodaClassifier, train: Tokenized, val: Tokenized, cf
             if step % cfg.log_every == 0 or step == total:
                 record = {"step": step, "phase": "distill" if distilling else "task", "loss": loss.item(),
                           "seconds": round(seconds, 2)}
-                record.update({k: round(float(v), 4) for k, v in model.last_metrics.items()
-                               if k.endswith("mean_weight")})
+                record.update({k: round(float(v), 4) for k, v in metrics.items() if k.endswith("mean_weight")})
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
