@@ -20,8 +20,16 @@ def _train(args) -> int:
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
     cfg = load_config(args.config, overrides)
-    result = Trainer(cfg, resume=args.resume or False).train()
-    print(f"finished step {result.step}: val {result.val_bpb:.4f} bits/byte; run folder {result.run_dir}")
+    from condcomp.distributed import shutdown
+
+    try:
+        trainer = Trainer(cfg, resume=args.resume or False)
+        result = trainer.train()
+    finally:
+        shutdown()  # a torchrun job: leave the process group cleanly, whatever happened
+    if trainer.rt.is_main:
+        val = "n/a" if result.val_bpb is None else f"{result.val_bpb:.4f}"
+        print(f"finished step {result.step}: val {val} bits/byte; run folder {result.run_dir}")
     return 0
 
 
@@ -84,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="condcomp", description="Conditional computation for Transformers.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model from a YAML config")
+    t = sub.add_parser("train", help="train a model from a YAML config (under torchrun: on every rank)")
     t.add_argument("--config", required=True, help="YAML file with model/data/train sections")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.steps=100")
     t.add_argument("--data", help="text file or folder to train on (default: the config's data.source)")
@@ -131,11 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from condcomp.data import DataError
     from condcomp.convert import ConvertError, PretrainedError
+    from condcomp.distributed import DistributedError
     from condcomp.train import CheckpointError, TrainingError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError, ConvertError, PretrainedError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, ConvertError, PretrainedError,
+            DistributedError) as e:
         print(f"condcomp {args.command}: error: {e}", file=sys.stderr)
         return 2
 

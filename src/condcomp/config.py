@@ -207,7 +207,7 @@ class TrainConfig(_Validated):
                                      "the LR schedule follows the fraction spent")
     max_seconds: float | None = _field(None, gt=0.0, help="stop after this much training time (wall clock); "
                                        "the LR schedule follows the fraction spent")
-    batch_size: int = _field(16, ge=1)
+    batch_size: int = _field(16, ge=1, help="sequences per step, over all ranks together (each of N ranks takes 1/N)")
     lr: float = _field(3e-3, gt=0.0)
     min_lr_ratio: float = _field(0.1, ge=0.0, le=1.0, help="cosine decays to lr * min_lr_ratio")
     warmup_steps: int = _field(100, ge=0)
@@ -224,6 +224,8 @@ class TrainConfig(_Validated):
     keep_checkpoints: int = _field(2, ge=1)
     flops_every: int = _field(1, ge=1, help="count executed FLOPs exactly every N steps; steps in between reuse the last count")
     threads: int | None = _field(None, ge=1, help="torch intra-op threads; default: all cores")
+    expert_parallel: int = _field(1, ge=1, help="under torchrun: spread each MoE's experts over this many ranks "
+                                  "(must divide the number of ranks and model.moe.num_experts); 1 = data parallel only")
     aux_loss_weights: dict[str, float] = _field(
         default_factory=lambda: {"load_balance": 0.01, "z_loss": 0.001, "router_bce": 0.1, "predictor_bce": 1.0,
                                  "skip_rate": 1.0},

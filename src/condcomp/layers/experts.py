@@ -29,6 +29,16 @@ class Experts(nn.Module):
         self.down = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.reset_parameters()
 
+    @classmethod
+    def from_weights(cls, up: torch.Tensor, down: torch.Tensor, *, activation: str) -> "Experts":
+        """Experts holding the given weights (copied), e.g. a slice of a bigger bank for expert
+        parallelism. up: [e, d_model, width], down: [e, d_ff, d_model]. Uses no random numbers."""
+        with torch.device("meta"):
+            experts = cls(num_experts=up.shape[0], d_model=up.shape[1], d_ff=down.shape[1], activation=activation)
+        experts.up = nn.Parameter(up.detach().clone(), requires_grad=up.requires_grad)
+        experts.down = nn.Parameter(down.detach().clone(), requires_grad=down.requires_grad)
+        return experts
+
     def reset_parameters(self) -> None:
         # Same scale as nn.Linear's default for each expert.
         nn.init.uniform_(self.up, -1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_model))

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from condcomp.dispatch import dispatch
+from condcomp.dispatch.expert_parallel import ExpertPlacement, dispatch_expert_parallel
 from condcomp.layers.experts import Experts
 from condcomp.layers.feedforward import FeedForward
 from condcomp.layers.info import LayerInfo
@@ -28,6 +29,10 @@ class MoE(nn.Module):
         shared_expert_d_ff: if set, a dense FFN of that width runs on every token and is added.
     Returns (y, LayerInfo): the router's aux losses (load_balance, z_loss) and routing metrics
     (tokens_per_expert, fraction_dropped, experts_per_token_hist, router_entropy).
+
+    Expert parallelism: ``condcomp.distributed.shard_experts`` keeps only this rank's block of experts
+    in ``self.experts`` and sets ``self.placement``; forward then exchanges tokens with the other
+    ranks (a collective: all ranks of the group call forward together). Routing stays per rank.
     """
 
     def __init__(self, *, d_model: int, d_ff: int, num_experts: int, router: nn.Module | None = None,
@@ -42,6 +47,7 @@ class MoE(nn.Module):
         self.d_model = d_model
         self.router = router
         self.experts = Experts(num_experts=num_experts, d_model=d_model, d_ff=d_ff, activation=activation)
+        self.placement: ExpertPlacement | None = None
         self.shared = (FeedForward(d_model=d_model, d_ff=shared_expert_d_ff, activation=activation)
                        if shared_expert_d_ff else None)
 
@@ -53,7 +59,10 @@ class MoE(nn.Module):
         """x: [batch, seq, d_model] or [n, d_model]; padding_mask: leading shape of x, True = real."""
         routing = self.router(x, padding_mask)
         flat = x.reshape(-1, self.d_model)
-        y = dispatch(flat, routing, self.experts)
+        if self.placement is None:
+            y = dispatch(flat, routing, self.experts)
+        else:
+            y = dispatch_expert_parallel(flat, routing, self.experts, self.placement)
         if self.shared is not None:
             y = y + self.shared(flat)
         return y.view(x.shape[:-1] + (y.shape[-1],)), LayerInfo(aux_losses=routing.aux_losses, metrics=routing.metrics)

@@ -1,6 +1,10 @@
 """The training loop: AdamW, warmup + cosine, clipping, bf16 autocast, validation in bits per byte,
 executed-FLOP counting, JSONL metrics and exact resume.
 
+Under torchrun the same loop is data parallel (DDP; each of N ranks takes 1/N of every batch) and,
+with ``train.expert_parallel``, expert parallel. Checkpoints are always written whole, as one process
+holding every expert would write them, so they load in a single process or on any number of ranks.
+
 Exactness: the batch of step s depends only on (seed, s), and a checkpoint holds the model,
 optimizer, schedule, torch RNG and counters, so ``--resume`` continues bit-for-bit as if the run
 had never stopped (fp32; bf16 autocast is deterministic on CPU too, but not promised).
@@ -23,6 +27,9 @@ from tqdm.auto import tqdm
 
 from condcomp.config import RunConfig, config_from_saved
 from condcomp.data import eval_batches, load_corpus, train_batch
+from condcomp.distributed import (DistributedError, Runtime, clip_grad_norm, full_experts, full_optimizer_state,
+                                  ignore_in_ddp, init_distributed, reduce_expert_grads, shard_experts,
+                                  shard_optimizer_state)
 from condcomp.models import Transformer
 from condcomp.train import checkpoint as ckpt
 
@@ -33,9 +40,9 @@ class TrainingError(RuntimeError):
     """Training cannot go on (diverged, misconfigured run folder, ...); the message says what to do."""
 
 
-def autocast(precision: str):
+def autocast(precision: str, device_type: str = "cpu"):
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -62,18 +69,30 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, data, *, batch_size: int, max_batches: int, precision: str = "fp32") -> float:
-    """Bits per byte over fixed windows of ``data`` (uint8 array)."""
+def evaluate(model: Transformer, data, *, batch_size: int, max_batches: int, precision: str = "fp32",
+             rt: Runtime | None = None) -> float:
+    """Bits per byte over fixed windows of ``data`` (uint8 array).
+
+    Distributed (``rt``): every rank evaluates its share of each batch and the sums are reduced, so
+    the result equals the single-process one. All ranks must call it together.
+    """
+    rt = rt or Runtime()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for x, y in eval_batches(data, batch_size=batch_size, seq_len=model.cfg.seq_len, max_batches=max_batches):
-        with autocast(precision):
-            logits = model(x).logits
-        total += lm_loss(logits, y).item() * y.numel()
-        count += y.numel()
+        x, y = x.tensor_split(rt.world_size)[rt.rank], y.tensor_split(rt.world_size)[rt.rank]
+        weight = 1.0
+        if x.shape[0] == 0:
+            # A short last batch left this rank without a window; run one anyway (an expert-parallel
+            # forward is a collective every rank must join) and count it zero times.
+            x, y, weight = x.new_zeros(1, x.shape[1]), y.new_zeros(1, y.shape[1]), 0.0
+        with autocast(precision, rt.device.type):
+            logits = model(x.to(rt.device)).logits
+        total += weight * lm_loss(logits, y.to(rt.device)).item() * y.numel()
+        count += weight * y.numel()
     model.train(was_training)
-    return total / count / LN2
+    return rt.all_reduce(total) / rt.all_reduce(count) / LN2
 
 
 @dataclass
@@ -100,7 +119,8 @@ def _scalar_metrics(metrics: dict) -> dict:
 
 
 class Trainer:
-    """Trains a Transformer LM on a byte corpus as a RunConfig says."""
+    """Trains a Transformer LM on a byte corpus as a RunConfig says (one process, or every rank of a
+    torchrun job: all ranks build the Trainer and call ``train`` together)."""
 
     def __init__(self, cfg: RunConfig, *, resume: str | Path | bool = False):
         self.cfg = cfg
@@ -108,7 +128,14 @@ class Trainer:
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        torch.manual_seed(tc.seed)
+        self.rt = init_distributed(expert_parallel=tc.expert_parallel)
+        if tc.batch_size % self.rt.world_size:
+            raise TrainingError(f"train.batch_size={tc.batch_size} is the batch over all ranks and must divide "
+                                f"evenly among the {self.rt.world_size} ranks; use a multiple of {self.rt.world_size}")
+        if self.rt.expert_parallel > 1 and cfg.model.ffn != "moe":
+            raise TrainingError(f"train.expert_parallel={self.rt.expert_parallel} needs MoE layers, but model.ffn is "
+                                f"{cfg.model.ffn!r}; set model.ffn=moe or train.expert_parallel=1")
+        torch.manual_seed(tc.seed)  # the same on every rank: identical initial weights
         self.corpus = load_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction,
                                   test_fraction=cfg.data.test_fraction, cache_dir=cfg.data.cache_dir)
         for split in ("train", "val"):
@@ -117,18 +144,45 @@ class Trainer:
                     f"the {split} split of {self.corpus.description} has {len(self.corpus.split(split))} bytes, "
                     f"fewer than model.seq_len + 1 = {cfg.model.seq_len + 1}; use more text or a smaller model.seq_len")
         self.model = Transformer(cfg.model)
-        self.optimizer = build_optimizer(self.model, tc)
         self.step = 0
         self.total_flops = 0.0
         self.tokens_seen = 0
         self.train_seconds = 0.0
         self.last_step_flops = 0.0
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        # Weights are loaded whole, then split across ranks; optimizer state follows the split.
+        state = self._prepare_run_dir(resume)
+        self.train_model = self._distribute()
+        self.optimizer = build_optimizer(self.model, tc)
         warmup, total, floor = tc.warmup_steps, tc.steps, tc.min_lr_ratio  # bound now, not read live
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, warmup=warmup, total=total, min_ratio=floor,
                                                 budget_progress=self.budget_progress()))
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self._prepare_run_dir(resume)
+        if state is not None:
+            optimizer_state = state["optimizer"]
+            if self.expert_parallel:
+                optimizer_state = shard_optimizer_state(optimizer_state, self.optimizer, self.model)
+            self.optimizer.load_state_dict(optimizer_state)
+            self.scheduler.load_state_dict(state["scheduler"])
+
+    @property
+    def expert_parallel(self) -> bool:
+        return self.rt.expert_parallel > 1
+
+    def _distribute(self) -> torch.nn.Module:
+        """Move the model to this rank's device, shard its experts and wrap it in DDP. Returns the module
+        to train through (the DDP wrapper, or the model itself in a single process)."""
+        self.model.to(self.rt.device)
+        if not self.rt.distributed:
+            return self.model
+        if self.expert_parallel:
+            ignore_in_ddp(self.model, shard_experts(self.model, self.rt.expert_group))
+        # Token-selection layers can leave a whole block without tokens in a step; DDP must then not
+        # wait for its gradients. Buffers (expert-choice thresholds) follow rank 0, as BatchNorm's do.
+        selective = self.cfg.model.block in ("mod", "skip") or self.cfg.model.ffn == "conditional"
+        return torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.rt.local_rank] if self.rt.device.type == "cuda" else None,
+            find_unused_parameters=selective)
 
     def budget_progress(self) -> float:
         """Fraction of the FLOPs or wall-clock budget spent (0 without a budget)."""
@@ -161,20 +215,25 @@ class Trainer:
 
     # -- run folder and resume -------------------------------------------------------------
 
-    def _prepare_run_dir(self, resume) -> None:
+    def _prepare_run_dir(self, resume) -> dict | None:
+        """Check (every rank) and set up (rank 0) the run folder; when resuming, load the weights and
+        counters and return the saved training state (optimizer, scheduler) for after the split."""
         existing = ckpt.list_checkpoints(self.run_dir)
         if not resume:
             if existing:
                 raise TrainingError(
                     f"run folder {self.run_dir} already has checkpoints (newest {existing[-1].name}); "
                     "pass --resume to continue it, or choose another run_dir (nothing was overwritten)")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.metrics_path.write_text("")
-            (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
-            return
+            if self.rt.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.metrics_path.write_text("")
+                (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+            self.rt.barrier()
+            return None
         if resume is True and not existing:
             # Killed before its first checkpoint: nothing to resume, so start the run afresh.
-            print(f"no checkpoint in {self.run_dir} yet; starting from step 0")
+            if self.rt.is_main:
+                print(f"no checkpoint in {self.run_dir} yet; starting from step 0")
             return self._prepare_run_dir(False)
         path = ckpt.resolve_checkpoint(self.run_dir if resume is True else resume)
         saved = config_from_saved(ckpt.read_config(path))
@@ -182,15 +241,17 @@ class Trainer:
             raise TrainingError(f"checkpoint {path} was trained with a different model config; "
                                 "resume with the config it was saved with")
         state = ckpt.load_checkpoint(path, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
         self.total_flops = float(state["total_flops"])
         self.tokens_seen = int(state["tokens_seen"])
         self.train_seconds = float(state["train_seconds"])
         self.last_step_flops = float(state["last_step_flops"])
-        self._truncate_metrics(self.step)
+        if self.rt.is_main:
+            print(f"resuming {self.run_dir} from step {self.step} on {self.rt.world_size} rank(s)")
+            self._truncate_metrics(self.step)
+        self.rt.barrier()
+        return state
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop log lines written after the checkpoint we resume from: they will be written again."""
@@ -208,8 +269,11 @@ class Trainer:
         os.replace(tmp, self.metrics_path)
 
     def save(self) -> Path:
+        """Write a whole checkpoint (rank 0, after gathering expert shards; every rank calls this)."""
+        optimizer_state = (full_optimizer_state(self.optimizer, self.model) if self.expert_parallel
+                           else self.optimizer.state_dict())
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "step": self.step,
@@ -217,13 +281,21 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "train_seconds": self.train_seconds,
             "last_step_flops": self.last_step_flops,
+            "world_size": self.rt.world_size,
         }
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg.to_dict(),
-                                    keep=self.cfg.train.keep_checkpoints)
+        path = ckpt.checkpoint_dir(self.run_dir) / f"step_{self.step:08d}"
+        with full_experts(self.model):
+            if self.rt.is_main:
+                path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg.to_dict(),
+                                            keep=self.cfg.train.keep_checkpoints)
+        self.rt.barrier()  # nobody moves on (or can be killed) believing in a half-written step
+        return path
 
     # -- the loop ---------------------------------------------------------------------------
 
     def _log(self, record: dict) -> None:
+        if not self.rt.is_main:
+            return
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
@@ -237,57 +309,82 @@ class Trainer:
             total = total + weights[name] * value
         return total
 
+    def local_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of the step's batch: the global batch depends on (seed, step) only, so any
+        number of ranks (and a resume on a different number) trains on the same data."""
+        tc = self.cfg.train
+        x, y = train_batch(self.corpus.train, step=step, seed=tc.seed, batch_size=tc.batch_size,
+                           seq_len=self.cfg.model.seq_len)
+        n = self.rt.world_size
+        return x.tensor_split(n)[self.rt.rank].to(self.rt.device), y.tensor_split(n)[self.rt.rank].to(self.rt.device)
+
     def train_step(self) -> tuple[float, dict]:
         tc = self.cfg.train
-        x, y = train_batch(self.corpus.train, step=self.step, seed=tc.seed, batch_size=tc.batch_size,
-                           seq_len=self.cfg.model.seq_len)
+        x, y = self.local_batch(self.step)
         count = self.step % tc.flops_every == 0
         counter = FlopCounterMode(display=False) if count else contextlib.nullcontext()
         with counter:
-            with autocast(tc.precision):
-                out = self.model(x)
+            with autocast(tc.precision, self.rt.device.type):
+                out = self.train_model(x)
                 loss = lm_loss(out.logits, y)
                 total = loss + self.aux_loss(out.aux_losses)
-            total.backward()
+            total.backward()  # DDP averages the replicated gradients over ranks here
+        if self.expert_parallel:
+            reduce_expert_grads(self.model, self.rt)
         if count:
-            self.last_step_flops = float(counter.get_total_flops())
-        if not torch.isfinite(total):
+            self.last_step_flops = self.rt.all_reduce(float(counter.get_total_flops()))  # all ranks' FLOPs
+        if self.rt.all_reduce(float(not torch.isfinite(total).item()), "max"):
             raise TrainingError(
                 f"loss became {total.item()} at step {self.step}; training stopped before updating the weights. "
                 f"The last checkpoint in {ckpt.checkpoint_dir(self.run_dir)} is intact: lower train.lr "
                 "(or enable grad_clip) and resume from it")
         grad_norm = None
         if tc.grad_clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
+            if self.expert_parallel:
+                grad_norm = clip_grad_norm(self.model, tc.grad_clip, self.rt).item()
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        record = {"loss": loss.item(), "lr": self.scheduler.get_last_lr()[0]}
+        mean_loss = self.rt.all_reduce(loss.item(), "mean")  # the loss of the whole batch
+        record = {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0]}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         for name, value in out.aux_losses.items():
             record[f"aux.{name}"] = float(value.detach())
-        record.update(_scalar_metrics(out.metrics))
-        return loss.item(), record
+        record.update(_scalar_metrics(out.metrics))  # routing metrics of rank 0's share
+        return mean_loss, record
 
     def train(self, until: int | None = None) -> TrainResult:
         """Train to ``train.steps`` or until the budget (train.max_flops / max_seconds) is spent; or stop
         early after step ``until``, checkpointing there."""
+        try:
+            return self._train(until)
+        except torch.distributed.DistError as e:
+            raise DistributedError(
+                f"rank {self.rt.rank} of {self.rt.world_size}: another rank stopped answering during step "
+                f"{self.step + 1} ({str(e).strip().splitlines()[0][:200]}). Checkpoints up to the last completed one "
+                f"in {ckpt.checkpoint_dir(self.run_dir)} are intact: fix the failed rank's cause and launch the same "
+                "command again with --resume (torchrun --max-restarts N ... --resume does that automatically)") from e
+
+    def _train(self, until: int | None) -> TrainResult:
         tc = self.cfg.train
         stop = tc.steps if until is None else min(until, tc.steps)
         self.model.train()
         losses: list[float] = []
         val_bpb = None
         tokens_per_step = tc.batch_size * self.cfg.model.seq_len
-        bar = tqdm(total=self.expected_steps(), initial=self.step, disable=not tc.progress, unit="step",
-                   dynamic_ncols=True, mininterval=1.0, desc=self.run_dir.name)
+        bar = tqdm(total=self.expected_steps(), initial=self.step, disable=not (tc.progress and self.rt.is_main),
+                   unit="step", dynamic_ncols=True, mininterval=1.0, desc=self.run_dir.name)
         last_ckpt = None
         window_start, window_tokens = time.perf_counter(), 0
         finished = self.step >= tc.steps or (self.step > 0 and self.budget_spent())
         while self.step < stop and not finished:
             t0 = time.perf_counter()
             loss, record = self.train_step()
-            dt = time.perf_counter() - t0
+            # The slowest rank's time, so every rank takes the same budget decisions.
+            dt = self.rt.all_reduce(time.perf_counter() - t0, "max")
             self.step += 1
             self.train_seconds += dt
             self.tokens_seen += tokens_per_step
@@ -305,10 +402,11 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             if self.step % tc.eval_every == 0 or finished:
                 val_bpb = evaluate(self.model, self.corpus.val, batch_size=tc.batch_size,
-                                   max_batches=tc.eval_batches, precision=tc.precision)
+                                   max_batches=tc.eval_batches, precision=tc.precision, rt=self.rt)
                 self._log({"step": self.step, "val_bpb": val_bpb, "total_flops": self.total_flops,
                            "tokens": self.tokens_seen, "train_seconds": self.train_seconds})
-                bar.write(f"step {self.step}: val {val_bpb:.4f} bits/byte")
+                if self.rt.is_main:
+                    bar.write(f"step {self.step}: val {val_bpb:.4f} bits/byte")
             if self.step % tc.checkpoint_every == 0 or self.step == stop or finished:
                 last_ckpt = self.save()
             if bar.total != (expected := self.expected_steps()):

@@ -1,0 +1,131 @@
+"""Who am I in the job: rank, world size, device, backend and the process groups condcomp uses.
+
+``init_distributed`` reads the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT) and starts the default process group: NCCL when CUDA is available, gloo otherwise.
+Run as a plain process it returns a single-process runtime, so the trainer has one code path.
+
+Groups for expert parallelism of size P (P divides the world size W):
+- expert group g = ranks [g*P, (g+1)*P): together they hold every expert once, and exchange tokens;
+- replica group i = ranks {i, i+P, i+2P, ...}: they hold the same experts, and average their gradients.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class DistributedError(RuntimeError):
+    """A distributed run is misconfigured or lost a rank; the message says what to do."""
+
+
+@dataclass
+class Runtime:
+    """This process's place in the job (world_size 1 = a plain single-process run)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    device: torch.device = torch.device("cpu")
+    expert_parallel: int = 1
+    expert_group: dist.ProcessGroup | None = None
+    replica_group: dist.ProcessGroup | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def replicas(self) -> int:
+        """How many ranks hold each expert (world_size / expert_parallel)."""
+        return self.world_size // self.expert_parallel
+
+    def all_reduce(self, value: float, op: str = "sum") -> float:
+        """A Python number reduced over all ranks (sum, mean or max); itself when single-process."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        out = t.item()
+        return out / self.world_size if op == "mean" else out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={raw!r} is not an integer; launch with torchrun, "
+                               "which sets it") from None
+
+
+def default_backend() -> str:
+    """NCCL for GPUs, gloo for CPUs: the two backends PyTorch ships for each."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(*, expert_parallel: int = 1, timeout_s: float | None = None) -> Runtime:
+    """Start (or join) the process group torchrun describes and build the expert groups.
+
+    expert_parallel: ranks each expert bank is spread over (1 = every rank holds every expert).
+    timeout_s: how long a collective waits for a missing rank before failing (default 600 s, or
+        the CONDCOMP_DIST_TIMEOUT environment variable).
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1 and not dist.is_initialized():
+        if expert_parallel != 1:
+            raise DistributedError(f"train.expert_parallel={expert_parallel} needs that many ranks, but this is a "
+                                   f"single process; launch with torchrun --nproc-per-node {expert_parallel}")
+        return Runtime()
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("CONDCOMP_DIST_TIMEOUT", 600))
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            raise DistributedError("WORLD_SIZE is set but MASTER_ADDR is not; launch with torchrun (it sets both)")
+        dist.init_process_group(default_backend(), timeout=datetime.timedelta(seconds=timeout_s))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    local_rank = _env_int("LOCAL_RANK", rank)
+    if expert_parallel < 1 or world % expert_parallel:
+        raise DistributedError(f"train.expert_parallel={expert_parallel} must divide the number of ranks "
+                               f"({world}); use 1 (data parallel only) or a divisor of {world}")
+    if dist.get_backend() == "nccl":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    rt = Runtime(rank=rank, world_size=world, local_rank=local_rank, backend=dist.get_backend(), device=device,
+                 expert_parallel=expert_parallel)
+    if expert_parallel > 1:
+        # Every rank must create every group, in the same order (new_group is itself a collective).
+        for g in range(world // expert_parallel):
+            ranks = list(range(g * expert_parallel, (g + 1) * expert_parallel))
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                rt.expert_group = group
+        if world > expert_parallel:
+            for i in range(expert_parallel):
+                ranks = list(range(i, world, expert_parallel))
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    rt.replica_group = group
+    return rt
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,166 @@
+"""Data and expert parallelism on real gloo process groups (2 and 4 ranks on this machine).
+
+Each test starts its ranks like torchrun does (tests/dist_workers.py) and checks the distributed
+result against the single-process one: the reference twin of expert-parallel dispatch is ``dispatch``
+with every expert in one process, and the reference of data-parallel training is one process on
+the combined batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from condcomp.config import load_config
+from condcomp.dispatch import dispatch
+from condcomp.layers.experts import Experts
+from condcomp.layers.moe import MoE
+from condcomp.routing import ExpertChoiceRouter, TopKRouter
+from condcomp.routing.types import Routing
+
+from conftest import tiny_overrides
+from dist_workers import free_port, run_ranks
+
+D, D_FF, E = 8, 12, 4
+
+ROUTERS = {
+    "top1_capacity1.25": dict(kind="top_k", k=1, capacity_factor=1.25),
+    "top2_dropless": dict(kind="top_k", k=2, capacity_factor=None),
+    "top2_capacity1_swiglu_shared": dict(kind="top_k", k=2, capacity_factor=1.0, activation="swiglu", shared=6),
+    "expert_choice_global": dict(kind="expert_choice", capacity_factor=2.0, mode="global"),
+    "expert_choice_per_position": dict(kind="expert_choice", capacity_factor=2.0, mode="per_position"),
+}
+
+
+def make_moe(kind, capacity_factor, k=1, mode="global", activation="gelu", shared=None) -> MoE:
+    torch.manual_seed(0)
+    if kind == "top_k":
+        router = TopKRouter(d_model=D, num_experts=E, k=k, capacity_factor=capacity_factor)
+    else:
+        router = ExpertChoiceRouter(d_model=D, num_experts=E, capacity_factor=capacity_factor, mode=mode)
+    return MoE(d_model=D, d_ff=D_FF, num_experts=E, router=router, activation=activation,
+               shared_expert_d_ff=shared).double()
+
+
+def rank_inputs(world: int):
+    """Every rank's input and loss weights, generated identically in every process."""
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(world, 3, 10, D, generator=g, dtype=torch.float64),
+            torch.randn(world, 3, 10, D, generator=g, dtype=torch.float64))
+
+
+def moe_loss(moe, x, w):
+    y, info = moe(x)
+    return y, (y * w).sum() + 0.1 * sum(info.aux_losses.values())
+
+
+def ep_moe_worker(rank: int, world: int, ep: int) -> dict:
+    """Expert-parallel MoE vs the same MoE whole in this process: outputs, input and router gradients
+    of this rank's batch, expert gradients of the global loss (after the replica reduction)."""
+    from condcomp.distributed import init_distributed, reduce_expert_grads, shard_experts
+
+    rt = init_distributed(expert_parallel=ep)
+    X, W = rank_inputs(world)
+    checked = {}
+    for name, spec in ROUTERS.items():
+        moe = make_moe(**spec)
+        reference = copy.deepcopy(moe)
+        shard_experts(moe, rt.expert_group)
+        lo, hi = moe.placement.first, moe.placement.first + moe.placement.num_local
+
+        x = X[rank].clone().requires_grad_(True)
+        y, loss = moe_loss(moe, x, W[rank])
+        loss.backward()
+        reduce_expert_grads(moe, rt)
+
+        # Reference: this rank's batch for outputs and local gradients ...
+        local = copy.deepcopy(reference)
+        x_ref = X[rank].clone().requires_grad_(True)
+        y_ref, loss_ref = moe_loss(local, x_ref, W[rank])
+        loss_ref.backward()
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10, msg=f"{name}: outputs")
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10, msg=f"{name}: input grads")
+        ref_params = dict(local.named_parameters())
+        for n, p in moe.named_parameters():  # router and shared expert: replicated, local gradients
+            if not n.startswith("experts."):
+                torch.testing.assert_close(p.grad, ref_params[n].grad, rtol=1e-10, atol=1e-10, msg=f"{name}: {n}")
+        # ... every rank's batch for the experts: grad of the mean of all ranks' losses.
+        everyone = copy.deepcopy(reference)
+        for r in range(world):
+            moe_loss(everyone, X[r], W[r])[1].div(world).backward()
+        for part in ("up", "down"):
+            torch.testing.assert_close(getattr(moe.experts, part).grad, getattr(everyone.experts, part).grad[lo:hi],
+                                       rtol=1e-10, atol=1e-10, msg=f"{name}: expert {part} grads")
+        # Inference (expert choice per position uses its learned thresholds here).
+        with torch.no_grad():
+            moe.eval(), local.eval()
+            torch.testing.assert_close(moe(X[rank])[0], local(X[rank])[0], rtol=1e-10, atol=1e-10,
+                                       msg=f"{name}: eval outputs")
+        checked[name] = (lo, hi)
+    return checked
+
+
+def test_expert_parallel_moe_equals_single_process_two_ranks(tmp_path):
+    results = run_ranks(ep_moe_worker, 2, tmp_path, 2)
+    assert results[0] == {name: (0, 2) for name in ROUTERS}
+    assert results[1] == {name: (2, 4) for name in ROUTERS}
+
+
+def test_expert_parallel_with_replicas_four_ranks(tmp_path):
+    """4 ranks, experts over 2: each expert has 2 replicas whose gradients are averaged."""
+    results = run_ranks(ep_moe_worker, 4, tmp_path, 2)
+    assert [r["top2_dropless"] for r in results] == [(0, 2), (2, 4), (0, 2), (2, 4)]
+
+
+def uneven_dispatch_worker(rank: int, world: int) -> bool:
+    """Hand-made routings with uneven and empty splits: rank 1 receives no token at all, and on one
+    rank no token is routed anywhere."""
+    from condcomp.distributed import dispatch_expert_parallel, init_distributed, shard_experts
+
+    rt = init_distributed(expert_parallel=world)
+    torch.manual_seed(0)
+    full = Experts(num_experts=E, d_model=D, d_ff=D_FF).double()
+    moe = MoE(d_model=D, d_ff=D_FF, num_experts=E).double()
+    moe.experts = copy.deepcopy(full)
+    shard_experts(moe, rt.expert_group)
+    g = torch.Generator().manual_seed(10 + rank)
+    n = 7
+    cases = {
+        "all to expert 0": Routing(token_index=torch.arange(n), group_sizes=torch.tensor([n, 0, 0, 0]),
+                                   combine_weights=torch.rand(n, generator=g, dtype=torch.float64), num_tokens=n,
+                                   dropped=torch.zeros(n, dtype=torch.bool)),
+        "nothing routed on rank 0": Routing(
+            token_index=torch.arange(n) if rank else torch.zeros(0, dtype=torch.long),
+            group_sizes=torch.tensor([2, 1, 0, 4]) if rank else torch.zeros(E, dtype=torch.long),
+            combine_weights=torch.rand(n if rank else 0, generator=g, dtype=torch.float64), num_tokens=n,
+            dropped=torch.zeros(n, dtype=torch.bool)),
+    }
+    for name, routing in cases.items():
+        x = torch.randn(n, D, generator=g, dtype=torch.float64, requires_grad=True)
+        w = routing.combine_weights.clone().requires_grad_(True)
+        routing.combine_weights = w
+        y = dispatch_expert_parallel(x, routing, moe.experts, moe.placement)
+        y.pow(2).sum().backward()
+        x_ref, w_ref = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+        ref = copy.deepcopy(full)
+        routing.combine_weights = w_ref
+        y_ref = dispatch(x_ref, routing, ref)
+        if y_ref.requires_grad:  # the reference returns constant zeros when nothing is routed
+            y_ref.pow(2).sum().backward()
+        torch.testing.assert_close(y, y_ref, msg=name)
+        for got, want in ((x.grad, x_ref.grad), (w.grad, w_ref.grad)):
+            torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want, msg=name)
+        moe.experts.zero_grad()
+    return True
+
+
+def test_expert_parallel_dispatch_uneven_and_empty_splits(tmp_path):
+    assert run_ranks(uneven_dispatch_worker, 2, tmp_path) == [True, True]
