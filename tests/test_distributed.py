@@ -164,3 +164,76 @@ def uneven_dispatch_worker(rank: int, world: int) -> bool:
 
 def test_expert_parallel_dispatch_uneven_and_empty_splits(tmp_path):
     assert run_ranks(uneven_dispatch_worker, 2, tmp_path) == [True, True]
+
+
+# -- training -----------------------------------------------------------------------------------
+
+MOE_EP = {"model.ffn": "moe", "model.moe.num_experts": 4, "model.moe.k": 2, "model.moe.capacity_factor": "null",
+          "train.expert_parallel": 2}
+# Routing with a capacity, and the load-balancing losses, are computed over each rank's tokens; with
+# dropless top-k and the aux weights at 0 every token's treatment is independent of the batch, so the
+# 2-rank run must match the 1-process run on the combined batch.
+NO_AUX = {"train.aux_loss_weights.load_balance": 0.0, "train.aux_loss_weights.z_loss": 0.0}
+
+
+def train_worker(rank: int, world: int, overrides: list[str], until: int | None, resume: bool) -> dict:
+    from condcomp.distributed import full_experts
+    from condcomp.train import Trainer
+
+    trainer = Trainer(load_config(None, overrides), resume=resume)
+    result = trainer.train(until=until)
+    with full_experts(trainer.model):
+        state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return {"losses": result.losses, "state": state, "step": result.step}
+
+
+def train_single(overrides, until=None, resume=False) -> dict:
+    from condcomp.train import Trainer
+
+    trainer = Trainer(load_config(None, overrides), resume=resume)
+    result = trainer.train(until=until)
+    return {"losses": result.losses, "state": trainer.model.state_dict(), "step": result.step}
+
+
+def assert_same_training(got: dict, want: dict, tol: float) -> None:
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=tol, atol=tol)
+    assert got["state"].keys() == want["state"].keys()
+    for name, value in want["state"].items():
+        torch.testing.assert_close(got["state"][name], value, rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["dense", "moe_expert_parallel"])
+def test_two_rank_training_equals_one_process_on_the_combined_batch(variant, text_file, tmp_path):
+    extra = {"train.steps": 10, "train.batch_size": 4, **({} if variant == "dense" else {**MOE_EP, **NO_AUX})}
+    ranks = run_ranks(train_worker, 2, tmp_path / "spawn",
+                      tiny_overrides(text_file, tmp_path / "ddp", tmp_path / "cache", **extra), None, False)
+    single_extra = {k: v for k, v in extra.items() if k != "train.expert_parallel"}
+    single = train_single(tiny_overrides(text_file, tmp_path / "single", tmp_path / "cache", **single_extra))
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # the logged loss is the whole batch's, on every rank
+    for r in ranks:
+        assert_same_training(r, single, tol=2e-5)
+    # Metrics and checkpoints come from rank 0 only, whole.
+    lines = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "loss" in l] == list(range(1, 11))
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step_00000010"]
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank_and_back(text_file, tmp_path):
+    """A 2-rank expert-parallel run stopped at step 4 continues in one process to step 8, and that
+    run's step-8 checkpoint continues on 2 ranks to 12: the loss curve and the weights are the ones of
+    an uninterrupted single-process run."""
+    extra = {"train.steps": 12, "train.batch_size": 4, "train.checkpoint_every": 4, **MOE_EP, **NO_AUX}
+    dist_args = tiny_overrides(text_file, tmp_path / "run", tmp_path / "cache", **extra)
+    single_args = [a for a in dist_args if not a.startswith("train.expert_parallel")]
+    first = run_ranks(train_worker, 2, tmp_path / "spawn1", dist_args, 4, False)
+    assert first[0]["step"] == 4
+    middle = train_single(single_args, until=8, resume=True)
+    last = run_ranks(train_worker, 2, tmp_path / "spawn2", dist_args, None, True)
+    reference = train_single(tiny_overrides(text_file, tmp_path / "reference", tmp_path / "cache",
+                                            **{k: v for k, v in extra.items() if k != "train.expert_parallel"}))
+    curve = first[0]["losses"] + middle["losses"] + last[0]["losses"]
+    torch.testing.assert_close(torch.tensor(curve), torch.tensor(reference["losses"]), rtol=2e-5, atol=2e-5)
+    assert_same_training({"losses": [], "state": last[0]["state"]}, {"losses": [], "state": reference["state"]}, 2e-5)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(l)]
+    assert steps == list(range(1, 13))  # one record per step across the three launches
