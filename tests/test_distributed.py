@@ -204,7 +204,8 @@ def assert_same_training(got: dict, want: dict, tol: float) -> None:
 
 @pytest.mark.parametrize("variant", ["dense", "moe_expert_parallel"])
 def test_two_rank_training_equals_one_process_on_the_combined_batch(variant, text_file, tmp_path):
-    extra = {"train.steps": 10, "train.batch_size": 4, **({} if variant == "dense" else {**MOE_EP, **NO_AUX})}
+    # A checkpoint at step 5 gathers the expert shards mid-run: training must go on unchanged after it.
+    extra = {"train.steps": 10, "train.batch_size": 4, "train.checkpoint_every": 5, **({} if variant == "dense" else {**MOE_EP, **NO_AUX})}
     ranks = run_ranks(train_worker, 2, tmp_path / "spawn",
                       tiny_overrides(text_file, tmp_path / "ddp", tmp_path / "cache", **extra), None, False)
     single_extra = {k: v for k, v in extra.items() if k != "train.expert_parallel"}
@@ -215,7 +216,7 @@ def test_two_rank_training_equals_one_process_on_the_combined_batch(variant, tex
     # Metrics and checkpoints come from rank 0 only, whole.
     lines = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "loss" in l] == list(range(1, 11))
-    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step_00000010"]
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step_00000005", "step_00000010"]
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank_and_back(text_file, tmp_path):

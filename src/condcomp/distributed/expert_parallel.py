@@ -139,7 +139,7 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> 
         placement = shards.get(id(param))
         if placement is None or index not in state["state"]:
             continue
-        entry = state["state"][index]
+        entry = state["state"][index] = dict(state["state"][index])  # state_dict() shares the live tensors
         for key, value in entry.items():
             if torch.is_tensor(value) and value.shape == param.shape:
                 entry[key] = _gather_rows(value, placement.group)
@@ -153,7 +153,7 @@ def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer, model: 
         placement = shards.get(id(param))
         if placement is None or index not in state["state"]:
             continue
-        entry = state["state"][index]
+        entry = state["state"][index] = dict(state["state"][index])
         lo, hi = placement.first, placement.first + placement.num_local
         for key, value in entry.items():
             if torch.is_tensor(value) and value.dim() == param.dim() and value.shape[0] == placement.num_experts:
