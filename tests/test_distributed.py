@@ -238,3 +238,75 @@ def test_two_rank_checkpoint_resumes_on_one_rank_and_back(text_file, tmp_path):
     steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(l)]
     assert steps == list(range(1, 13))  # one record per step across the three launches
+
+
+# -- a rank dies ----------------------------------------------------------------------------------
+
+KILLER = '''
+import os, signal, sys
+from pathlib import Path
+from condcomp.train import trainer
+
+marker = Path(os.environ["KILL_MARKER"])
+original = trainer.Trainer.train_step
+
+def train_step(self):
+    # Rank 1 dies by SIGKILL in the middle of step KILL_AT_STEP + 1, once (the marker says it did).
+    if os.environ["RANK"] == "1" and self.step == int(os.environ["KILL_AT_STEP"]) and not marker.exists():
+        marker.write_text("killed")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self)
+
+trainer.Trainer.train_step = train_step
+from condcomp.cli import main
+sys.exit(main())
+'''
+
+
+def torchrun(tmp_path, text_file, run_dir, *, restarts=0, resume=False) -> subprocess.CompletedProcess:
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    sets = tiny_overrides(text_file, run_dir, tmp_path / "cache", **{
+        "train.steps": 10, "train.batch_size": 4, "train.checkpoint_every": 4, "train.eval_every": 5, **MOE_EP})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--max-restarts", str(restarts), str(script), "train",
+           *[a for s in sets for a in ("--set", s)]]
+    if resume:
+        cmd.append("--resume")
+    env = {**os.environ, "KILL_AT_STEP": "6", "KILL_MARKER": str(tmp_path / "killed"),
+           "CONDCOMP_DIST_TIMEOUT": "60", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "loss" in r]
+
+
+def test_a_killed_rank_fails_the_job_clearly_and_a_restart_resumes(text_file, tmp_path):
+    from condcomp.train.checkpoint import list_checkpoints, verify_checkpoint
+
+    run_dir = tmp_path / "run"
+    killed = torchrun(tmp_path, text_file, run_dir)
+    assert killed.returncode != 0
+    # torchrun names the rank that died and how; the surviving rank, if it outlives its peer long
+    # enough to notice, says what to do instead of printing a gloo traceback.
+    assert "Root Cause" in killed.stderr and "rank      : 1" in killed.stderr and "SIGKILL" in killed.stderr
+    assert "Traceback" not in "".join(l for l in killed.stderr.splitlines(True) if l.startswith("[rank0]"))
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000004"]
+    verify_checkpoint(list_checkpoints(run_dir)[-1])
+
+    again = torchrun(tmp_path, text_file, run_dir, resume=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stdout and "from step 4 on 2 rank(s)" in again.stdout
+    assert "finished step 10" in again.stdout
+    assert logged_steps(run_dir) == list(range(1, 11))
+
+
+def test_torchrun_restarts_resume_automatically(text_file, tmp_path):
+    run_dir = tmp_path / "run"
+    result = torchrun(tmp_path, text_file, run_dir, restarts=1, resume=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "killed").exists()  # rank 1 really died once
+    assert "from step 4 on 2 rank(s)" in result.stdout and "finished step 10" in result.stdout
+    assert logged_steps(run_dir) == list(range(1, 11))

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML config (under torchrun: on every rank)")
-    t.add_argument("--config", required=True, help="YAML file with model/data/train sections")
+    t.add_argument("--config", help="YAML file with model/data/train sections (default: the built-in defaults)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.steps=100")
     t.add_argument("--data", help="text file or folder to train on (default: the config's data.source)")
     t.add_argument("--run-dir", help="where checkpoints and metrics go (default: the config's run_dir)")

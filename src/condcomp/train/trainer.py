@@ -95,6 +95,19 @@ def evaluate(model: Transformer, data, *, batch_size: int, max_batches: int, pre
     return rt.all_reduce(total) / rt.all_reduce(count) / LN2
 
 
+_LOST_PEER_SIGNS = ("connection closed", "connection reset", "remote worker", "timed out", "timeout",
+                    "broken pipe", "nccl error")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another rank died or hung (gloo and NCCL raise plain
+    RuntimeErrors for this, so the message is all there is to go on)."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    text = str(error).lower()
+    return any(sign in text for sign in _LOST_PEER_SIGNS)
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -361,12 +374,18 @@ class Trainer:
         early after step ``until``, checkpointing there."""
         try:
             return self._train(until)
-        except torch.distributed.DistError as e:
+        except RuntimeError as e:
+            if not (self.rt.distributed and lost_peer(e)):
+                raise
+            saved = ckpt.list_checkpoints(self.run_dir)
+            last = f"the last complete checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
+            detail = " ".join(str(e).split())
+            detail = detail if len(detail) <= 160 else detail[:157] + "..."
             raise DistributedError(
                 f"rank {self.rt.rank} of {self.rt.world_size}: another rank stopped answering during step "
-                f"{self.step + 1} ({str(e).strip().splitlines()[0][:200]}). Checkpoints up to the last completed one "
-                f"in {ckpt.checkpoint_dir(self.run_dir)} are intact: fix the failed rank's cause and launch the same "
-                "command again with --resume (torchrun --max-restarts N ... --resume does that automatically)") from e
+                f"{self.step + 1} ({detail}); {last}. Fix what stopped that rank (its log says why) and launch "
+                "the same command again with --resume; torchrun --max-restarts N ... --resume does that "
+                "automatically") from e
 
     def _train(self, until: int | None) -> TrainResult:
         tc = self.cfg.train
