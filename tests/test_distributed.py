@@ -184,7 +184,7 @@ def train_worker(rank: int, world: int, overrides: list[str], until: int | None,
     result = trainer.train(until=until)
     with full_experts(trainer.model):
         state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    return {"losses": result.losses, "state": state, "step": result.step}
+    return {"losses": result.losses, "state": state, "step": result.step, "val_bpb": result.val_bpb}
 
 
 def train_single(overrides, until=None, resume=False) -> dict:
@@ -192,7 +192,8 @@ def train_single(overrides, until=None, resume=False) -> dict:
 
     trainer = Trainer(load_config(None, overrides), resume=resume)
     result = trainer.train(until=until)
-    return {"losses": result.losses, "state": trainer.model.state_dict(), "step": result.step}
+    return {"losses": result.losses, "state": trainer.model.state_dict(), "step": result.step,
+            "val_bpb": result.val_bpb}
 
 
 def assert_same_training(got: dict, want: dict, tol: float) -> None:
@@ -213,6 +214,7 @@ def test_two_rank_training_equals_one_process_on_the_combined_batch(variant, tex
     assert ranks[0]["losses"] == ranks[1]["losses"]  # the logged loss is the whole batch's, on every rank
     for r in ranks:
         assert_same_training(r, single, tol=2e-5)
+        assert r["val_bpb"] == pytest.approx(single["val_bpb"], rel=1e-5)
     # Metrics and checkpoints come from rank 0 only, whole.
     lines = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "loss" in l] == list(range(1, 11))
@@ -238,6 +240,32 @@ def test_two_rank_checkpoint_resumes_on_one_rank_and_back(text_file, tmp_path):
     steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(l)]
     assert steps == list(range(1, 13))  # one record per step across the three launches
+
+
+def evaluate_worker(rank: int, world: int, overrides: list[str]) -> float:
+    import numpy as np
+
+    from condcomp.train import Trainer, evaluate
+
+    trainer = Trainer(load_config(None, overrides))
+    # 7 windows in batches of 3: the last batch has one window, so rank 1 has none of it.
+    data = np.frombuffer(bytes(range(256)) * 2, dtype=np.uint8)[: 7 * 32 + 1]
+    return evaluate(trainer.model, data, batch_size=3, max_batches=10, rt=trainer.rt)
+
+
+def test_distributed_evaluation_equals_single_process_with_a_short_last_batch(text_file, tmp_path):
+    import numpy as np
+
+    from condcomp.train import Trainer, evaluate
+
+    extra = {**MOE_EP}
+    ranks = run_ranks(evaluate_worker, 2, tmp_path / "spawn", tiny_overrides(text_file, tmp_path / "a", tmp_path / "c",
+                                                                             **extra))
+    single = Trainer(load_config(None, tiny_overrides(text_file, tmp_path / "b", tmp_path / "c", **{
+        k: v for k, v in extra.items() if k != "train.expert_parallel"})))
+    data = np.frombuffer(bytes(range(256)) * 2, dtype=np.uint8)[: 7 * 32 + 1]
+    want = evaluate(single.model, data, batch_size=3, max_batches=10)
+    assert ranks[0] == pytest.approx(want, rel=1e-6) and ranks[1] == ranks[0]
 
 
 # -- a rank dies ----------------------------------------------------------------------------------
@@ -310,3 +338,42 @@ def test_torchrun_restarts_resume_automatically(text_file, tmp_path):
     assert (tmp_path / "killed").exists()  # rank 1 really died once
     assert "from step 4 on 2 rank(s)" in result.stdout and "finished step 10" in result.stdout
     assert logged_steps(run_dir) == list(range(1, 11))
+
+
+# -- bad setups fail before training, on every rank, with the fix in the message -------------------
+
+def test_expert_parallel_in_a_single_process_is_refused(tiny_config):
+    from condcomp.distributed import DistributedError
+    from condcomp.train import Trainer
+
+    with pytest.raises(DistributedError, match="torchrun --nproc-per-node 2"):
+        Trainer(tiny_config(**{"model.ffn": "moe", "train.expert_parallel": 2}))
+
+
+def bad_setup_worker(rank: int, world: int, overrides: list[str]) -> dict:
+    from condcomp.distributed import DistributedError
+    from condcomp.train import Trainer, TrainingError
+
+    cases = {"batch": {"train.batch_size": 3},
+             "dense": {"train.expert_parallel": 2},
+             "experts": {"model.ffn": "moe", "model.moe.num_experts": 3, "train.expert_parallel": 2},
+             "ranks": {"model.ffn": "moe", "train.expert_parallel": 4}}
+    messages = {}
+    for name, sets in cases.items():
+        try:
+            Trainer(load_config(None, overrides + [f"{k}={v}" for k, v in sets.items()]))
+            messages[name] = None
+        except (TrainingError, DistributedError) as e:
+            messages[name] = str(e)
+    return messages
+
+
+def test_bad_distributed_setups_fail_clearly_on_every_rank(text_file, tmp_path):
+    ranks = run_ranks(bad_setup_worker, 2, tmp_path / "spawn",
+                      tiny_overrides(text_file, tmp_path / "run", tmp_path / "cache"))
+    assert ranks[0] == ranks[1]
+    m = ranks[0]
+    assert "batch_size=3" in m["batch"] and "multiple of 2" in m["batch"]
+    assert "needs MoE layers" in m["dense"]
+    assert "num_experts=3 experts cannot be split evenly" in m["experts"]
+    assert "must divide the number of ranks (2)" in m["ranks"]
