@@ -79,6 +79,19 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def _attempt_store(world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store torchrun points at, with keys private to this restart attempt.
+
+    After ``torchrun --max-restarts`` restarts the workers, its store still holds the previous
+    attempt's keys, and gloo may read a dead worker's address from them ("Connection refused" at
+    start-up). Prefixing every key with the restart count gives each attempt a clean namespace.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts it
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 29500), world,
+                          is_master=not agent_store and _env_int("RANK", 0) == 0, timeout=timeout)
+    return dist.PrefixStore(f"condcomp/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(*, expert_parallel: int = 1, timeout_s: float | None = None) -> Runtime:
     """Start (or join) the process group torchrun describes and build the expert groups.
 
@@ -97,7 +110,9 @@ def init_distributed(*, expert_parallel: int = 1, timeout_s: float | None = None
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             raise DistributedError("WORLD_SIZE is set but MASTER_ADDR is not; launch with torchrun (it sets both)")
-        dist.init_process_group(default_backend(), timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(default_backend(), store=_attempt_store(world, timeout), rank=_env_int("RANK", 0),
+                                world_size=world, timeout=timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     local_rank = _env_int("LOCAL_RANK", rank)
     if expert_parallel < 1 or world % expert_parallel:
