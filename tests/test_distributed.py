@@ -221,6 +221,49 @@ def test_two_rank_training_equals_one_process_on_the_combined_batch(variant, tex
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step_00000005", "step_00000010"]
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHRINK = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.seq_len": 32, "train.steps": 4,
+          "train.batch_size": 4, "train.warmup_steps": 2, "train.eval_every": 4, "train.eval_batches": 2,
+          "train.checkpoint_every": 4, "train.log_every": 1, "train.progress": False, "train.precision": "fp32"}
+# Whose every token's treatment depends on its own sequence only (and whose aux losses are means over
+# tokens), so data parallelism must not change the numbers. The others route or balance over the
+# batch a rank sees (expert capacity, load balance, skip-rate target), as every DP implementation does.
+BATCH_INDEPENDENT = {"dense", "mod", "colt5", "srupp"}
+
+
+def every_config_worker(rank: int, world: int, runs: dict) -> dict:
+    from condcomp.train import Trainer
+
+    out = {}
+    for name, (config, overrides) in runs.items():
+        trainer = Trainer(load_config(config, overrides))
+        out[name] = trainer.train().losses
+    return out
+
+
+def test_every_shipped_config_trains_data_parallel(text_file, tmp_path):
+    """Each configs/*.yaml, shrunk, trains on 2 ranks (MoE ones expert-parallel) and leaves a checkpoint
+    one process loads; the batch-independent ones match one process on the combined batch."""
+    from condcomp.train import Trainer, load_model
+
+    names = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+    assert {"dense", "moe-top1", "moe-ec", "mod", "skip", "colt5", "srupp"} <= set(names)
+    def overrides(name, where):
+        extra = {**SHRINK, **({"train.expert_parallel": 2} if name.startswith("moe") and where == "ddp" else {})}
+        return tiny_overrides(text_file, tmp_path / where / name, tmp_path / "cache", **extra)
+    runs = {n: (str(CONFIGS / f"{n}.yaml"), overrides(n, "ddp")) for n in names}
+    ranks = run_ranks(every_config_worker, 2, tmp_path / "spawn", runs)
+    for name in names:
+        assert ranks[0][name] == ranks[1][name]
+        assert all(map(torch.isfinite, torch.tensor(ranks[0][name]))), name
+        model, _ = load_model(tmp_path / "ddp" / name)  # the 2-rank checkpoint, in this one process
+        assert model.num_parameters() > 0
+        if name in BATCH_INDEPENDENT:
+            single = Trainer(load_config(runs[name][0], overrides(name, "single"))).train().losses
+            torch.testing.assert_close(torch.tensor(ranks[0][name]), torch.tensor(single), rtol=1e-4, atol=1e-4,
+                                       msg=name)
+
+
 def test_two_rank_checkpoint_resumes_on_one_rank_and_back(text_file, tmp_path):
     """A 2-rank expert-parallel run stopped at step 4 continues in one process to step 8, and that
     run's step-8 checkpoint continues on 2 ranks to 12: the loss curve and the weights are the ones of
