@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/moe.py
 	$(BIN)/python benchmarks/token_selection.py
+	$(BIN)/python benchmarks/distributed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

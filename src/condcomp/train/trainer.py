@@ -195,10 +195,11 @@ class Trainer:
             ignore_in_ddp(self.model, shard_experts(self.model, self.rt.expert_group))
         # Token-selection layers can leave a whole block without tokens in a step; DDP must then not
         # wait for its gradients. Buffers (expert-choice thresholds) follow rank 0, as BatchNorm's do.
-        selective = self.cfg.model.block in ("mod", "skip") or self.cfg.model.ffn == "conditional"
+        m = self.cfg.model
+        selective = m.block in ("mod", "skip") or m.ffn == "conditional" or m.attention == "conditional"
         return torch.nn.parallel.DistributedDataParallel(
             self.model, device_ids=[self.rt.local_rank] if self.rt.device.type == "cuda" else None,
-            find_unused_parameters=selective)
+            find_unused_parameters=selective, gradient_as_bucket_view=True)
 
     def budget_progress(self) -> float:
         """Fraction of the FLOPs or wall-clock budget spent (0 without a budget)."""
