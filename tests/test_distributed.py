@@ -121,8 +121,8 @@ def test_expert_parallel_with_replicas_four_ranks(tmp_path):
 
 
 def uneven_dispatch_worker(rank: int, world: int) -> bool:
-    """Hand-made routings with uneven and empty splits: rank 1 receives no token at all, and on one
-    rank no token is routed anywhere."""
+    """Hand-made routings with uneven and empty splits (rank 1 receives no token at all; on one rank no
+    token is routed anywhere), then random routings with loads from zero up."""
     from condcomp.distributed import dispatch_expert_parallel, init_distributed, shard_experts
 
     rt = init_distributed(expert_parallel=world)
@@ -143,6 +143,14 @@ def uneven_dispatch_worker(rank: int, world: int) -> bool:
             combine_weights=torch.rand(n if rank else 0, generator=g, dtype=torch.float64), num_tokens=n,
             dropped=torch.zeros(n, dtype=torch.bool)),
     }
+    for trial in range(20):  # random routings: any token any number of times, loads from 0 up, per rank
+        a = int(torch.randint(0, 3 * n, (), generator=g))
+        cuts = torch.sort(torch.randint(0, a + 1, (E - 1,), generator=g)).values
+        sizes = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([a])]))
+        cases[f"random {trial}"] = Routing(
+            token_index=torch.randint(0, n, (a,), generator=g), group_sizes=sizes,
+            combine_weights=torch.rand(a, generator=g, dtype=torch.float64), num_tokens=n,
+            dropped=torch.zeros(n, dtype=torch.bool))
     for name, routing in cases.items():
         x = torch.randn(n, D, generator=g, dtype=torch.float64, requires_grad=True)
         w = routing.combine_weights.clone().requires_grad_(True)
