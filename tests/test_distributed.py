@@ -401,13 +401,22 @@ def test_expert_parallel_in_a_single_process_is_refused(tiny_config):
         Trainer(tiny_config(**{"model.ffn": "moe", "train.expert_parallel": 2}))
 
 
+@pytest.mark.parametrize("sets, message", [
+    ({"train.expert_parallel": 2}, "needs MoE layers"),
+    ({"model.ffn": "moe", "model.moe.num_experts": 6, "train.expert_parallel": 4}, "must divide model.moe.num_experts=6"),
+])
+def test_expert_parallel_config_errors_fail_at_load(sets, message, text_file, tmp_path):
+    from condcomp.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, tiny_overrides(text_file, tmp_path / "run", tmp_path / "cache", **sets))
+
+
 def bad_setup_worker(rank: int, world: int, overrides: list[str]) -> dict:
     from condcomp.distributed import DistributedError
     from condcomp.train import Trainer, TrainingError
 
     cases = {"batch": {"train.batch_size": 3},
-             "dense": {"train.expert_parallel": 2},
-             "experts": {"model.ffn": "moe", "model.moe.num_experts": 3, "train.expert_parallel": 2},
              "ranks": {"model.ffn": "moe", "train.expert_parallel": 4}}
     messages = {}
     for name, sets in cases.items():
@@ -425,6 +434,4 @@ def test_bad_distributed_setups_fail_clearly_on_every_rank(text_file, tmp_path):
     assert ranks[0] == ranks[1]
     m = ranks[0]
     assert "batch_size=3" in m["batch"] and "multiple of 2" in m["batch"]
-    assert "needs MoE layers" in m["dense"]
-    assert "num_experts=3 experts cannot be split evenly" in m["experts"]
     assert "must divide the number of ranks (2)" in m["ranks"]

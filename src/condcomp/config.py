@@ -248,6 +248,15 @@ class RunConfig(_Validated):
     train: TrainConfig = _field(default_factory=TrainConfig)
     run_dir: str = _field("runs/default")
 
+    def check(self) -> None:
+        ep = self.train.expert_parallel
+        if ep > 1 and self.model.ffn != "moe":
+            raise ConfigError(f"train.expert_parallel: {ep} needs MoE layers, but model.ffn is {self.model.ffn!r}; "
+                              "set model.ffn: moe, or train.expert_parallel: 1")
+        if ep > 1 and self.model.moe.num_experts % ep:
+            raise ConfigError(f"train.expert_parallel: {ep} must divide model.moe.num_experts="
+                              f"{self.model.moe.num_experts} (each rank holds the same number of experts)")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

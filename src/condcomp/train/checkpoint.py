@@ -133,7 +133,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}; was it saved with a different config?")
-    return torch.load(path / "state.pt", weights_only=True)
+    return torch.load(path / "state.pt", weights_only=True, map_location="cpu")  # e.g. saved by GPU ranks
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

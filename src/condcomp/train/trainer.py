@@ -145,12 +145,6 @@ class Trainer:
         if tc.batch_size % self.rt.world_size:
             raise TrainingError(f"train.batch_size={tc.batch_size} is the batch over all ranks and must divide "
                                 f"evenly among the {self.rt.world_size} ranks; use a multiple of {self.rt.world_size}")
-        if self.rt.expert_parallel > 1 and cfg.model.ffn != "moe":
-            raise TrainingError(f"train.expert_parallel={self.rt.expert_parallel} needs MoE layers, but model.ffn is "
-                                f"{cfg.model.ffn!r}; set model.ffn=moe or train.expert_parallel=1")
-        if self.rt.expert_parallel > 1 and cfg.model.moe.num_experts % self.rt.expert_parallel:
-            raise TrainingError(f"model.moe.num_experts={cfg.model.moe.num_experts} experts cannot be split evenly "
-                                f"over train.expert_parallel={self.rt.expert_parallel} ranks; use a divisor")
         torch.manual_seed(tc.seed)  # the same on every rank: identical initial weights
         self.corpus = load_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction,
                                   test_fraction=cfg.data.test_fraction, cache_dir=cfg.data.cache_dir)
