@@ -322,7 +322,7 @@ def test_distributed_evaluation_equals_single_process_with_a_short_last_batch(te
 # -- a rank dies ----------------------------------------------------------------------------------
 
 KILLER = '''
-import os, signal, sys
+import os, signal, sys, time
 from pathlib import Path
 from condcomp.train import trainer
 
@@ -330,9 +330,12 @@ marker = Path(os.environ["KILL_MARKER"])
 original = trainer.Trainer.train_step
 
 def train_step(self):
-    # Rank 1 dies by SIGKILL in the middle of step KILL_AT_STEP + 1, once (the marker says it did).
+    # Rank 1 fails at the start of step KILL_AT_STEP + 1, once (the marker says it did): it dies by
+    # SIGKILL, or with FAULT=hang stops answering.
     if os.environ["RANK"] == "1" and self.step == int(os.environ["KILL_AT_STEP"]) and not marker.exists():
-        marker.write_text("killed")
+        marker.write_text("failed")
+        if os.environ.get("FAULT") == "hang":
+            time.sleep(300)
         os.kill(os.getpid(), signal.SIGKILL)
     return original(self)
 
@@ -342,7 +345,8 @@ sys.exit(main())
 '''
 
 
-def torchrun(tmp_path, text_file, run_dir, *, restarts=0, resume=False) -> subprocess.CompletedProcess:
+def torchrun(tmp_path, text_file, run_dir, *, restarts=0, resume=False, fault="kill",
+             timeout_s=60) -> subprocess.CompletedProcess:
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
     sets = tiny_overrides(text_file, run_dir, tmp_path / "cache", **{
@@ -352,8 +356,8 @@ def torchrun(tmp_path, text_file, run_dir, *, restarts=0, resume=False) -> subpr
            *[a for s in sets for a in ("--set", s)]]
     if resume:
         cmd.append("--resume")
-    env = {**os.environ, "KILL_AT_STEP": "6", "KILL_MARKER": str(tmp_path / "killed"),
-           "CONDCOMP_DIST_TIMEOUT": "60", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "KILL_AT_STEP": "6", "KILL_MARKER": str(tmp_path / "failed"),
+           "CONDCOMP_DIST_TIMEOUT": str(timeout_s), "FAULT": fault, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
 
 
@@ -386,7 +390,7 @@ def test_torchrun_restarts_resume_automatically(text_file, tmp_path):
     run_dir = tmp_path / "run"
     result = torchrun(tmp_path, text_file, run_dir, restarts=1, resume=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "killed").exists()  # rank 1 really died once
+    assert (tmp_path / "failed").exists()  # rank 1 really died once
     assert "from step 4 on 2 rank(s)" in result.stdout and "finished step 10" in result.stdout
     assert logged_steps(run_dir) == list(range(1, 11))
 
@@ -435,3 +439,12 @@ def test_bad_distributed_setups_fail_clearly_on_every_rank(text_file, tmp_path):
     m = ranks[0]
     assert "batch_size=3" in m["batch"] and "multiple of 2" in m["batch"]
     assert "must divide the number of ranks (2)" in m["ranks"]
+
+
+def test_a_hung_rank_times_out_with_the_same_message(text_file, tmp_path):
+    """Rank 1 stops answering instead of dying: rank 0's collective times out after
+    CONDCOMP_DIST_TIMEOUT seconds and it ends the job, naming the checkpoint to resume from."""
+    hung = torchrun(tmp_path, text_file, tmp_path / "run", fault="hang", timeout_s=10)
+    assert hung.returncode != 0
+    assert "condcomp train: error: rank 0 of 2: another rank stopped answering during step 7" in hung.stderr
+    assert "step_00000004" in hung.stderr and "--resume" in hung.stderr
