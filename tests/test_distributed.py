@@ -211,16 +211,18 @@ def assert_same_training(got: dict, want: dict, tol: float) -> None:
         torch.testing.assert_close(got["state"][name], value, rtol=tol, atol=tol, msg=name)
 
 
-@pytest.mark.parametrize("variant", ["dense", "moe_expert_parallel"])
-def test_two_rank_training_equals_one_process_on_the_combined_batch(variant, text_file, tmp_path):
+@pytest.mark.parametrize("variant, world", [("dense", 2), ("moe_expert_parallel", 2), ("moe_expert_parallel", 4)])
+def test_data_parallel_training_equals_one_process_on_the_combined_batch(variant, world, text_file, tmp_path):
+    """10 steps on 2 ranks (or on 4, where each expert has 2 replicas) == 10 steps of one process."""
     # A checkpoint at step 5 gathers the expert shards mid-run: training must go on unchanged after it.
-    extra = {"train.steps": 10, "train.batch_size": 4, "train.checkpoint_every": 5, **({} if variant == "dense" else {**MOE_EP, **NO_AUX})}
-    ranks = run_ranks(train_worker, 2, tmp_path / "spawn",
+    extra = {"train.steps": 10, "train.batch_size": 4, "train.checkpoint_every": 5,
+             **({} if variant == "dense" else {**MOE_EP, **NO_AUX})}
+    ranks = run_ranks(train_worker, world, tmp_path / "spawn",
                       tiny_overrides(text_file, tmp_path / "ddp", tmp_path / "cache", **extra), None, False)
     single_extra = {k: v for k, v in extra.items() if k != "train.expert_parallel"}
     single = train_single(tiny_overrides(text_file, tmp_path / "single", tmp_path / "cache", **single_extra))
-    assert ranks[0]["losses"] == ranks[1]["losses"]  # the logged loss is the whole batch's, on every rank
     for r in ranks:
+        assert r["losses"] == ranks[0]["losses"]  # the logged loss is the whole batch's, on every rank
         assert_same_training(r, single, tol=2e-5)
         assert r["val_bpb"] == pytest.approx(single["val_bpb"], rel=1e-5)
     # Metrics and checkpoints come from rank 0 only, whole.
