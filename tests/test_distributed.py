@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -349,6 +348,8 @@ sys.exit(main())
 
 def torchrun(tmp_path, text_file, run_dir, *, restarts=0, resume=False, fault="kill",
              timeout_s=60) -> subprocess.CompletedProcess:
+    """A 2-rank expert-parallel ``condcomp train`` job under torchrun, 10 steps with checkpoints every
+    4, in which rank 1 fails at step 7 unless the marker file says it already did once."""
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
     sets = tiny_overrides(text_file, run_dir, tmp_path / "cache", **{
