@@ -44,11 +44,6 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def replicas(self) -> int:
-        """How many ranks hold each expert (world_size / expert_parallel)."""
-        return self.world_size // self.expert_parallel
-
     def all_reduce(self, value: float, op: str = "sum") -> float:
         """A Python number reduced over all ranks (sum, mean or max); itself when single-process."""
         if not self.distributed:
