@@ -74,7 +74,7 @@ def main() -> None:
         rows.append((f"condcomp {name}", lambda m=moe: (lambda _x: m(_x)[0]), f"ideal {name}", sum(sizes)))
     dense = FeedForward(d_model=d, d_ff=dff, activation="gelu")
     MODULES.append(dense)
-    rows.append(("dense FFN (1 expert's width)", lambda: dense, None, n))
+    rows.append(("dense FFN (1 expert's width)", lambda: (lambda _x: dense(_x)[0]), None, n))
 
     try:
         from transformers import MixtralConfig

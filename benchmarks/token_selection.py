@@ -23,7 +23,7 @@ import torch
 from condcomp.bench import parameter_storages, prepare, timed_pair
 from condcomp.config import ModelConfig
 from condcomp.layers import Attention, ConditionalAttention, ConditionalFeedForward, FeedForward, MixtureOfDepths
-from condcomp.models.transformer import TransformerBlock
+from condcomp.techniques.dense import transformer_block
 
 
 def table(title: str, rows, x: torch.Tensor, dtype: str, rounds: int) -> None:
@@ -68,8 +68,8 @@ class Fn:
 def mod_rows(d: int, capacity: float, batch: int, seq: int):
     cfg = ModelConfig(d_model=d, n_layers=1, n_heads=8, seq_len=seq)
     torch.manual_seed(0)
-    dense = TransformerBlock(cfg, 0)
-    inner = TransformerBlock(cfg, 0)
+    dense = transformer_block(model=cfg, layer_idx=0)
+    inner = transformer_block(model=cfg, layer_idx=0)
     inner.load_state_dict(dense.state_dict())
     mod = MixtureOfDepths(inner, d_model=d, capacity=capacity).train()
     k = round(capacity * seq)
@@ -93,12 +93,13 @@ def cff_rows(d: int, light: int, heavy: int, heavy_tokens: int, seq: int):
 
     def ideal(x):  # light on all + heavy on the first heavy_tokens of each sequence, no router
         b = x.shape[0]
-        y = cff.light(x)
-        return y.reshape(-1, d), cff.heavy(x[:, :heavy_tokens].reshape(-1, d))
+        y, _ = cff.light(x)
+        return y.reshape(-1, d), cff.heavy(x[:, :heavy_tokens].reshape(-1, d))[0]
 
+    dense_ffn = FeedForward(d_model=d, d_ff=heavy // 4, activation="gelu")
     rows = [("ideal: light all + heavy routed, no router", Fn(lambda x: torch.cat(ideal(x)), cff), None),
             ("condcomp ConditionalFeedForward", Fn(lambda x: cff(x)[0], cff), "ideal: light all + heavy routed, no router"),
-            ("dense GELU FFN (d_ff = heavy / 4)", Fn(FeedForward(d_model=d, d_ff=heavy // 4, activation="gelu")), None)]
+            ("dense GELU FFN (d_ff = heavy / 4)", Fn(lambda x: dense_ffn(x)[0], dense_ffn), None)]
     try:
         from colt5_attention import ConditionalRoutedFeedForward
 
@@ -116,7 +117,7 @@ def attention_rows(d: int, heads: int, seq: int, window: int, q_cap: float, kv_c
     dense = Attention(d_model=d, n_heads=heads, max_len=seq, causal=False)
     cond = ConditionalAttention(d_model=d, n_heads=heads, max_len=seq, causal=False, window=window,
                                 q_capacity=q_cap, kv_capacity=kv_cap).train()
-    return [("dense SDPA attention", Fn(dense, dense), None),
+    return [("dense SDPA attention", Fn(lambda x: dense(x)[0], dense), None),
             (f"ConditionalAttention (w {window}, q {q_cap:g}, kv {kv_cap:g})", Fn(lambda x: cond(x)[0], cond),
              "dense SDPA attention")]
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from condcomp.config import ConfigError, ModelConfig, MoEConfig, load_config
+from condcomp.config import ConfigError, ModelConfig, load_config
+from condcomp.techniques.moe import MoESettings
 from condcomp.models import Transformer
 from condcomp.routing import ExpertChoiceRouter
 
@@ -9,7 +10,7 @@ from condcomp.routing import ExpertChoiceRouter
 def moe_model(**moe):
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=16, ffn="moe",
-                      moe=MoEConfig(num_experts=4, d_ff=16, **moe))
+                      moe=MoESettings(num_experts=4, d_ff=16, **moe))
     return Transformer(cfg)
 
 

@@ -14,10 +14,10 @@ from moe_reference import reference_expert_choice_global, reference_top_k
 
 
 def make_moe(router_kind="top_k", *, d=8, d_ff=12, e=4, k=1, cf=None, activation="gelu", mode="global",
-             dtype=torch.float64, seed=0):
+             dtype=torch.float64, seed=0, priority="position_major"):
     torch.manual_seed(seed)
     if router_kind == "top_k":
-        router = TopKRouter(d_model=d, num_experts=e, k=k, capacity_factor=cf)
+        router = TopKRouter(d_model=d, num_experts=e, k=k, capacity_factor=cf, priority=priority)
     else:
         router = ExpertChoiceRouter(d_model=d, num_experts=e, capacity_factor=cf or 2.0, mode=mode)
     return MoE(d_model=d, d_ff=d_ff, num_experts=e, router=router, activation=activation).to(dtype)
@@ -43,10 +43,10 @@ def assert_same(a, b, tol=1e-10):
 @settings(max_examples=25, deadline=None)
 @given(b=st.integers(1, 3), t=st.integers(1, 7), e=st.integers(1, 5), k=st.integers(1, 3),
        cf=st.sampled_from([None, 0.5, 1.0, 1.25, 2.0]), act=st.sampled_from(["gelu", "swiglu"]),
-       seed=st.integers(0, 10_000))
-def test_top_k_matches_naive_reference_outputs_and_gradients(b, t, e, k, cf, act, seed):
+       priority=st.sampled_from(["position_major", "rank_major"]), seed=st.integers(0, 10_000))
+def test_top_k_matches_naive_reference_outputs_and_gradients(b, t, e, k, cf, act, priority, seed):
     k = min(k, e)
-    moe = make_moe(e=e, k=k, cf=cf, activation=act, seed=seed)
+    moe = make_moe(e=e, k=k, cf=cf, activation=act, seed=seed, priority=priority)
     x = torch.randn(b, t, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     fast = grads(moe, x, lambda x: moe(x)[0])
     ref = grads(moe, x, lambda x: reference_top_k(moe, x))
@@ -81,9 +81,10 @@ def test_one_expert_top1_dropless_equals_dense_ffn():
         dense.down.weight.copy_(moe.experts.down[0].t())
     x = torch.randn(2, 6, 8)
     y_moe, _ = moe(x)
-    torch.testing.assert_close(y_moe, dense(x))
+    y_dense, _ = dense(x)
+    torch.testing.assert_close(y_moe, y_dense)
     y_moe.square().sum().backward()
-    dense(x).square().sum().backward()
+    y_dense.square().sum().backward()
     torch.testing.assert_close(moe.experts.up.grad[0], dense.up.weight.grad.t())
     torch.testing.assert_close(moe.experts.down.grad[0], dense.down.weight.grad.t())
 
@@ -109,16 +110,28 @@ def test_capacity_drops_exactly_the_overflow_latest_positions_first():
     assert routing.metrics["fraction_dropped"].item() == 0.5
 
 
-def test_top2_second_choices_yield_to_first_choices():
-    r = TopKRouter(d_model=4, num_experts=2, k=2, capacity_factor=0.5)  # capacity ceil(0.5*2*4/2) = 2
+def _two_experts_each_token_ranks_first(priority):
+    r = TopKRouter(d_model=4, num_experts=2, k=2, capacity_factor=0.5, priority=priority)  # capacity 2
     with torch.no_grad():
         r.gate.weight.copy_(torch.tensor([[4.0, 0, 0, 0], [0, 4.0, 0, 0]]))
     x = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0]])
-    routing = r(x)
-    # Each expert's 2 slots go to the tokens that ranked it first; every second choice is dropped.
+    return r(x)
+
+
+def test_rank_major_second_choices_yield_to_every_first_choice():
+    routing = _two_experts_each_token_ranks_first("rank_major")
+    # GShard: each expert's 2 slots go to the tokens that ranked it first; every second choice is dropped.
     assert routing.group_sizes.tolist() == [2, 2]
     assert sorted(routing.token_index[:2].tolist()) == [0, 2] and sorted(routing.token_index[2:].tolist()) == [1, 3]
     assert routing.metrics["fraction_assignments_dropped"].item() == 0.5 and not routing.dropped.any()
+
+
+def test_position_major_serves_earlier_positions_both_choices_first():
+    routing = _two_experts_each_token_ranks_first("position_major")
+    # Tokens 0 and 1 take both of their experts before token 2 is considered: 2 and 3 get nothing.
+    assert routing.group_sizes.tolist() == [2, 2]
+    assert sorted(routing.token_index[:2].tolist()) == [0, 1] and sorted(routing.token_index[2:].tolist()) == [0, 1]
+    assert routing.dropped.tolist() == [False, False, True, True]
 
 
 def test_infinite_capacity_equals_dropless():
@@ -148,8 +161,9 @@ def test_padded_tokens_are_never_routed_or_counted(router_kind, mode):
     for name in info.aux_losses:
         torch.testing.assert_close(info.aux_losses[name], info2.aux_losses[name])
     if router_kind == "top_k":
-        # Capacity is computed from the 9 real tokens only: ceil(1.0 * 2 * 9 / 4) = 5.
-        assert moe.router.capacity(9) == 5 and routing.group_sizes.max() <= 5
+        # Position-major capacity counts every token slot (12), so later padding cannot change it:
+        # ceil(1.0 * 2 * 12 / 4) = 6.
+        assert moe.router.capacity(12) == 6 and routing.group_sizes.max() <= 6
 
 
 def test_top_k_losses_ignore_padding_exactly():

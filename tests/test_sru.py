@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from condcomp.config import ConfigError, ModelConfig, RecurrenceConfig
+from condcomp.config import ConfigError, ModelConfig
+from condcomp.techniques.sru import RecurrenceSettings
 from condcomp.layers import SRU, SRUpp
 from condcomp.layers.sru_recurrence import sru_recurrence
 from condcomp.models import Transformer
@@ -167,7 +168,7 @@ def test_bad_arguments_fail_with_the_fix_named():
     with pytest.raises(ValueError, match="c0 must have shape"):
         SRU(4, 4, 2)(torch.randn(3, 2, 4), torch.zeros(1, 2, 4))
     with pytest.raises(ConfigError, match="attn_heads"):
-        ModelConfig(d_model=64, n_heads=2, block="srupp", recurrence=RecurrenceConfig(attn_heads=3))
+        ModelConfig(d_model=64, n_heads=2, block="srupp", recurrence=RecurrenceSettings(attn_heads=3))
 
 
 @pytest.mark.parametrize("block", ["sru", "srupp"])

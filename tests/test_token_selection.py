@@ -13,7 +13,7 @@ from condcomp.dispatch import dispatch_sequences, dispatch_sequences_reference
 from condcomp.layers import (ConditionalAttention, ConditionalFeedForward, LayerSkip, LocalAttention,
                              MixtureOfDepths, ModelCache)
 from condcomp.models import Transformer
-from condcomp.models.transformer import TransformerBlock
+from condcomp.techniques.dense import transformer_block
 from condcomp.routing import BinaryGate, RoutingError, TokenSelectRouter
 
 
@@ -106,8 +106,8 @@ def test_sequence_dispatch_matches_reference(b, t, seed):
 
 def _copy_block(cfg, layer_idx=0):
     torch.manual_seed(1)
-    dense = TransformerBlock(cfg, layer_idx).double()
-    twin = TransformerBlock(cfg, layer_idx).double()
+    dense = transformer_block(model=cfg, layer_idx=layer_idx).double()
+    twin = transformer_block(model=cfg, layer_idx=layer_idx).double()
     twin.load_state_dict(dense.state_dict())
     return dense, twin
 
@@ -155,7 +155,7 @@ def test_conditional_ffn_at_full_capacity_is_light_plus_heavy():
     cff = ConditionalFeedForward(d_model=16, light_d_ff=8, heavy_d_ff=32, capacity=1.0).double()
     x = torch.randn(2, 10, 16, dtype=torch.float64, requires_grad=True)
     y, _ = cff(x)
-    torch.testing.assert_close(y, cff.light(x) + cff.heavy(x))
+    torch.testing.assert_close(y, cff.light(x)[0] + cff.heavy(x)[0])
 
 
 def test_conditional_ffn_matches_masked_dense_reference():
@@ -166,7 +166,7 @@ def test_conditional_ffn_matches_masked_dense_reference():
     r = cff.router(x)
     w = torch.zeros(24, dtype=torch.float64)
     w[r.token_index] = r.combine_weights
-    ref = cff.light(x) + w.view(2, 12, 1) * cff.heavy(x)
+    ref = cff.light(x)[0] + w.view(2, 12, 1) * cff.heavy(x)[0]
     torch.testing.assert_close(y, ref)
 
 
@@ -314,15 +314,14 @@ def test_skip_is_causal_in_training_too():
 
 
 def test_decoder_refuses_a_look_ahead_sequence_router():
-    from condcomp.models import components
+    from condcomp import registry
 
     cfg = tiny_cfg()
     model = Transformer(cfg)
     with pytest.raises(ValueError, match="not causal"):
-        model.blocks[0] = MixtureOfDepths(TransformerBlock(cfg, 0), d_model=32, weighting="soft_top_k",
-                                          causal_scheme=None)
+        model.blocks[0] = MixtureOfDepths(model.blocks[0], d_model=32, weighting="soft_top_k", causal_scheme=None)
         model._refuse_look_ahead()
-    assert "mod" in components.names("block")
+    assert "mod" in registry.names("block")
 
 
 # ----------------------------------------------------------------------------------------------

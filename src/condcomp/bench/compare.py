@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from condcomp.config import ConfigError, RunConfig, _apply_override, from_dict
+from condcomp.config import ConfigError, RunConfig, from_dict
+from condcomp.settings import apply_override
 
 
 @dataclass
@@ -103,7 +104,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
             raise ConfigError(f"variants.{name}: expected {{config: PATH, set: [key=value, ...]}} (both optional)")
         cfg = _load_mapping(spec["config"] if "config" in spec else raw.get("base"), path.parent, f"variants.{name}")
         for assignment in list(spec.get("set") or []) + common:
-            _apply_override(cfg, assignment)
+            apply_override(cfg, assignment)
         cfg.setdefault("train", {})
         cfg["train"].pop("max_flops", None)
         cfg["train"].pop("max_seconds", None)

@@ -12,12 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from condcomp.layers.conditional import ConditionalAttention, ConditionalFeedForward
-from condcomp.layers.moe import MoE
-from condcomp.layers.selected_block import _SelectedBlock
-from condcomp.routing import BinaryGate, ExpertChoiceRouter, TokenSelectRouter, TopKRouter
-
-ROUTERS = (TopKRouter, ExpertChoiceRouter, TokenSelectRouter, BinaryGate)
+from condcomp.routing import Router
 
 
 @dataclass
@@ -39,7 +34,7 @@ def trace_routing(model: nn.Module, tokens: torch.Tensor) -> list[RouterTrace]:
     traces: list[RouterTrace] = []
     hooks = []
     for name, module in modules.items():
-        if isinstance(module, ROUTERS):
+        if isinstance(module, Router):
             parent_name, _, attr = name.rpartition(".")
 
             def hook(mod, args, routing, name=name, owner=modules[parent_name], attr=attr):
@@ -55,25 +50,15 @@ def trace_routing(model: nn.Module, tokens: torch.Tensor) -> list[RouterTrace]:
     return traces
 
 
-def _count(module: nn.Module | list[nn.Module]) -> int:
-    mods = module if isinstance(module, list) else [module]
-    return sum(p.numel() for m in mods for p in m.parameters())
-
-
 def conditional_parameters(trace: RouterTrace) -> tuple[int, float]:
-    """(parameters behind this router, fraction of them an average token uses)."""
-    owner, n = trace.owner, trace.units.numel()
-    per_token = float(trace.units.sum()) / max(1, n)  # assignments per token
-    if isinstance(owner, MoE):
-        return _count(owner.experts), per_token / owner.experts.up.shape[0]
-    if isinstance(owner, _SelectedBlock):
-        return _count(owner.block), per_token
-    if isinstance(owner, ConditionalFeedForward):
-        return _count(owner.heavy), per_token
-    if isinstance(owner, ConditionalAttention):
-        parts = [owner.q, owner.out] if trace.attr == "q_router" else [owner.kv]
-        return _count(parts), per_token
-    return 0, 1.0
+    """(parameters behind this router, fraction of them an average token uses), as the router's
+    owner declares in ``routed_parameters()``; (0, 1.0) for a router whose owner declares none."""
+    declared = getattr(trace.owner, "routed_parameters", None)
+    routed = declared().get(trace.attr) if declared is not None else None
+    if routed is None:
+        return 0, 1.0
+    per_token = float(trace.units.sum()) / max(1, trace.units.numel())  # assignments per token
+    return routed.count, per_token / routed.groups
 
 
 def active_parameters(model: nn.Module, traces: list[RouterTrace]) -> int:

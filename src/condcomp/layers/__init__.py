@@ -1,7 +1,9 @@
-"""Drop-in PyTorch layers."""
+"""Drop-in PyTorch layers. Each returns ``(y, LayerInfo)`` and declares its traits
+(``condcomp.layers.traits``): causal, selects_tokens, aux_loss_names, routed_parameters."""
 
 from condcomp.layers.attention import Attention
-from condcomp.layers.conditional import ConditionalAttention, ConditionalFeedForward
+from condcomp.layers.blocks import RecurrentBlock, TransformerBlock
+from condcomp.layers.conditional import ConditionalAttention, ConditionalFeedForward, colt5_router
 from condcomp.layers.feedforward import FeedForward
 from condcomp.layers.info import LayerInfo
 from condcomp.layers.kv_cache import KVCache, ModelCache
@@ -9,9 +11,11 @@ from condcomp.layers.local_attention import LocalAttention
 from condcomp.layers.moe import MoE
 from condcomp.layers.norm import RMSNorm
 from condcomp.layers.rotary import Rotary
-from condcomp.layers.selected_block import LayerSkip, MixtureOfDepths
+from condcomp.layers.selected_block import LayerSkip, MixtureOfDepths, SelectedBlock
 from condcomp.layers.sru import SRU, SRULayer, SRUpp, SRUppAttention
+from condcomp.layers.traits import ConditionalLayer, RoutedParameters
 
-__all__ = ["Attention", "ConditionalAttention", "ConditionalFeedForward", "FeedForward", "KVCache", "LayerInfo",
-           "LayerSkip", "LocalAttention", "MixtureOfDepths", "MoE", "ModelCache", "RMSNorm", "Rotary",
-           "SRU", "SRULayer", "SRUpp", "SRUppAttention"]
+__all__ = ["Attention", "ConditionalAttention", "ConditionalFeedForward", "ConditionalLayer", "FeedForward",
+           "KVCache", "LayerInfo", "LayerSkip", "LocalAttention", "MixtureOfDepths", "MoE", "ModelCache", "RMSNorm",
+           "RecurrentBlock", "Rotary", "RoutedParameters", "SRU", "SRULayer", "SRUpp", "SRUppAttention",
+           "SelectedBlock", "TransformerBlock", "colt5_router"]

@@ -6,12 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from condcomp.layers.info import LayerInfo
 from condcomp.layers.kv_cache import KVCache
 from condcomp.layers.rotary import Rotary
 
 
 class Attention(nn.Module):
-    """Self-attention. x: [batch, seq, d_model] -> [batch, seq, d_model].
+    """Self-attention. x: [batch, seq, d_model] -> (y [batch, seq, d_model], LayerInfo()).
 
     causal=True masks the future (decoder); causal=False attends everywhere (encoder).
     padding_mask (optional): [batch, seq] bool, True = real token; padded keys are never attended.
@@ -30,8 +31,10 @@ class Attention(nn.Module):
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.rotary = Rotary(self.head_dim, max_len, rope_base)
 
+    supports_cache = True
+
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, cache: KVCache | None = None) -> tuple[torch.Tensor, LayerInfo]:
         """x: [b, t, d]. positions: [b, t] original positions of the tokens (default 0..t-1, or
         continuing the cache); with positions, causality follows them (a query sees keys at
         positions <= its own). cache: appends this call's real tokens' keys/values and attends over
@@ -39,7 +42,7 @@ class Attention(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if positions is None and cache is None:
-            return self._contiguous(q, k, v, padding_mask)
+            return self._contiguous(q, k, v, padding_mask), LayerInfo()
         if positions is None:
             positions = (cache.offset + torch.arange(t, device=x.device)).expand(b, t)
         valid = torch.ones(b, t, dtype=torch.bool, device=x.device) if padding_mask is None else padding_mask
@@ -54,7 +57,7 @@ class Attention(nn.Module):
         mask = mask | ~valid[:, :, None]
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None],
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(b, t, d))
+        return self.out(y.transpose(1, 2).reshape(b, t, d)), LayerInfo()
 
     def _contiguous(self, q, k, v, padding_mask):
         b, _, t, _ = q.shape

@@ -13,16 +13,23 @@ from condcomp.layers.feedforward import FeedForward
 from condcomp.layers.info import LayerInfo
 from condcomp.layers.local_attention import LocalAttention
 from condcomp.layers.rotary import Rotary
-from condcomp.routing import RoutingError, TokenSelectRouter
+from condcomp.layers.traits import RoutedParameters, count_parameters
+from condcomp.routing import Router, RoutingError, TokenSelectRouter
 
 
-def _router(router, d_model, capacity, causal):
-    if router is not None:
-        return router
-    # Encoders: soft top-k weights (CoLT5). Decoders: per-token weights + membership predictor.
-    return TokenSelectRouter(d_model=d_model, capacity=capacity,
-                             weighting="sigmoid" if causal else "soft_top_k",
+def colt5_router(*, d_model: int, capacity: float, causal: bool) -> TokenSelectRouter:
+    """CoLT5's router for one branch. Encoders: soft top-k weights (the paper). Decoders: per-token
+    sigmoid weights, the router logit trained to predict top-k membership and thresholded at inference."""
+    return TokenSelectRouter(d_model=d_model, capacity=capacity, weighting="sigmoid" if causal else "soft_top_k",
                              causal_scheme="aux_loss" if causal else None)
+
+
+def _check_router(router: Router, d_model: int, what: str) -> Router:
+    if not isinstance(router, Router):
+        raise RoutingError(f"{what} must be a Router (e.g. TokenSelectRouter), got {type(router).__name__}")
+    if router.d_model != d_model:
+        raise RoutingError(f"{what} was built for d_model={router.d_model}, the layer has d_model={d_model}")
+    return router
 
 
 class ConditionalFeedForward(nn.Module):
@@ -34,29 +41,43 @@ class ConditionalFeedForward(nn.Module):
     Args:
         d_model; light_d_ff, heavy_d_ff: hidden sizes (the paper: d_ff/2 and 4*d_ff).
         capacity: fraction of each sequence's tokens routed to the heavy FFN.
-        causal: False (default, encoder: soft top-k weights) or True (decoder: sigmoid weights, router
-            logit trained to predict top-k membership and thresholded at inference).
-        router: a ready TokenSelectRouter. activation: of both FFNs.
+        causal: the default router's form: False (encoder: soft top-k weights) or True (decoder: sigmoid
+            weights, router logit trained to predict top-k membership and thresholded at inference).
+        router: a ready one-group Router (TokenSelectRouter) instead of the default. activation: of both FFNs.
     """
 
     def __init__(self, *, d_model: int, light_d_ff: int, heavy_d_ff: int, capacity: float = 0.125,
-                 causal: bool = False, router: TokenSelectRouter | None = None, activation: str = "gelu",
+                 causal: bool = False, router: Router | None = None, activation: str = "gelu",
                  dropout: float = 0.0):
         super().__init__()
         self.d_model = d_model
-        self.router = _router(router, d_model, capacity, causal)
+        self.router = (_check_router(router, d_model, "router") if router is not None
+                       else colt5_router(d_model=d_model, capacity=capacity, causal=causal))
         self.light = FeedForward(d_model=d_model, d_ff=light_d_ff, activation=activation, dropout=dropout)
         self.heavy = FeedForward(d_model=d_model, d_ff=heavy_d_ff, activation=activation, dropout=dropout)
+
+    selects_tokens = True  # the heavy FFN may get no token in a step
 
     @property
     def causal(self) -> bool:
         return self.router.causal
 
+    @property
+    def causal_in_training(self) -> bool:
+        return self.router.causal_in_training
+
+    @property
+    def aux_loss_names(self) -> tuple[str, ...]:
+        return self.router.aux_loss_names
+
+    def routed_parameters(self) -> dict[str, RoutedParameters]:
+        return {"router": RoutedParameters(count_parameters(self.heavy))}
+
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerInfo]:
         """x: [batch, seq, d_model] -> (y, LayerInfo with router losses and metrics)."""
         routing = self.router(x, padding_mask)
         flat = x.reshape(-1, self.d_model)
-        y = self.light(flat) + dispatch(flat, routing, lambda g, xs: self.heavy(xs))
+        y = self.light(flat)[0] + dispatch(flat, routing, lambda g, xs: self.heavy(xs)[0])
         return y.view(x.shape), LayerInfo(aux_losses=routing.aux_losses, metrics=routing.metrics)
 
 
@@ -70,14 +91,16 @@ class ConditionalAttention(nn.Module):
     keys/values); here the query and key/value routers.
 
     causal=True is the decoder form: local attention looks back only; a routed query attends to
-    routed keys at positions <= its own (none: its heavy output is 0); the routers use per-token
-    weights and are thresholded at inference (see TokenSelectRouter).
+    routed keys at positions <= its own (none: its heavy output is 0); the default routers use
+    per-token weights and are thresholded at inference (see TokenSelectRouter).
+    q_router, kv_router: ready one-group Routers instead of the defaults (``colt5_router``).
     x: [batch, seq, d_model] -> (y, LayerInfo).
     """
 
     def __init__(self, *, d_model: int, n_heads: int, max_len: int, causal: bool = False, window: int = 128,
                  light_heads: int | None = None, q_capacity: float = 0.125, kv_capacity: float = 0.25,
-                 rope_base: float = 10000.0, dropout: float = 0.0):
+                 rope_base: float = 10000.0, dropout: float = 0.0, q_router: Router | None = None,
+                 kv_router: Router | None = None):
         super().__init__()
         if d_model % n_heads:
             raise RoutingError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
@@ -86,17 +109,33 @@ class ConditionalAttention(nn.Module):
         light_heads = light_heads or max(1, n_heads // 4)
         self.light = LocalAttention(d_model=d_model, n_heads=light_heads, head_dim=self.head_dim, window=window,
                                     causal=causal, max_len=max_len, rope_base=rope_base, dropout=dropout)
-        self.q_router = _router(None, d_model, q_capacity, causal)
-        self.kv_router = _router(None, d_model, kv_capacity, causal)
+        self.q_router = (_check_router(q_router, d_model, "q_router") if q_router is not None
+                         else colt5_router(d_model=d_model, capacity=q_capacity, causal=causal))
+        self.kv_router = (_check_router(kv_router, d_model, "kv_router") if kv_router is not None
+                          else colt5_router(d_model=d_model, capacity=kv_capacity, causal=causal))
         self.q = nn.Linear(d_model, d_model, bias=False)
         self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.rotary = Rotary(self.head_dim, max_len, rope_base)
         self._causal_mask = causal
 
+    selects_tokens = True  # the heavy branch may get no query or key in a step
+
     @property
     def causal(self) -> bool:
         return self.q_router.causal and self.kv_router.causal and self._causal_mask
+
+    @property
+    def causal_in_training(self) -> bool:
+        return self.q_router.causal_in_training and self.kv_router.causal_in_training and self._causal_mask
+
+    @property
+    def aux_loss_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.q_router.aux_loss_names + self.kv_router.aux_loss_names))
+
+    def routed_parameters(self) -> dict[str, RoutedParameters]:
+        return {"q_router": RoutedParameters(count_parameters(self.q, self.out)),
+                "kv_router": RoutedParameters(count_parameters(self.kv))}
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache=None) -> tuple[torch.Tensor, LayerInfo]:

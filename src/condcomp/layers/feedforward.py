@@ -6,11 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from condcomp.layers.info import LayerInfo
+
 ACTIVATIONS = ("swiglu", "gelu")
 
 
 class FeedForward(nn.Module):
-    """x: [..., d_model] -> [..., d_model].
+    """x: [..., d_model] -> (y [..., d_model], LayerInfo()).
 
     swiglu: down(silu(x W_gate) * (x W_up)), gate and up fused in one [d_model, 2*d_ff] matmul.
     gelu:   down(gelu(x W_up)).
@@ -26,7 +28,7 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(d_ff, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerInfo]:
         """padding_mask is accepted for a uniform FFN interface; a dense FFN treats tokens independently."""
         h = self.up(x)
         if self.activation == "swiglu":
@@ -34,4 +36,4 @@ class FeedForward(nn.Module):
             h = F.silu(gate) * up
         else:
             h = F.gelu(h)
-        return self.dropout(self.down(h))
+        return self.dropout(self.down(h)), LayerInfo()

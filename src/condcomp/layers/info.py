@@ -26,11 +26,3 @@ class LayerInfo:
             for name, value in other.metrics.items():
                 self.metrics[f"{prefix}.{name}" if prefix else name] = value
         return self
-
-
-def split_output(out) -> tuple[torch.Tensor, LayerInfo | None]:
-    """Layers return ``y`` or ``(y, LayerInfo)``; normalise to the pair."""
-    if isinstance(out, tuple):
-        y, info = out
-        return y, info
-    return out, None

@@ -10,7 +10,8 @@ from condcomp.dispatch.expert_parallel import ExpertPlacement, dispatch_expert_p
 from condcomp.layers.experts import Experts
 from condcomp.layers.feedforward import FeedForward
 from condcomp.layers.info import LayerInfo
-from condcomp.routing import ExpertChoiceRouter, RoutingError, TopKRouter
+from condcomp.layers.traits import RoutedParameters, count_parameters
+from condcomp.routing import Router, RoutingError, TopKRouter
 
 
 class MoE(nn.Module):
@@ -23,7 +24,7 @@ class MoE(nn.Module):
 
     Args:
         d_model, d_ff, num_experts: sizes of each expert FFN.
-        router: a TopKRouter or ExpertChoiceRouter built for (d_model, num_experts);
+        router: a Router with ``num_experts`` groups built for d_model (TopKRouter, ExpertChoiceRouter);
             default Switch top-1 with capacity factor 1.25.
         activation: "gelu" or "swiglu" for the experts.
         shared_expert_d_ff: if set, a dense FFN of that width runs on every token and is added.
@@ -35,12 +36,13 @@ class MoE(nn.Module):
     ranks (a collective: all ranks of the group call forward together). Routing stays per rank.
     """
 
-    def __init__(self, *, d_model: int, d_ff: int, num_experts: int, router: nn.Module | None = None,
+    def __init__(self, *, d_model: int, d_ff: int, num_experts: int, router: Router | None = None,
                  activation: str = "gelu", shared_expert_d_ff: int | None = None):
         super().__init__()
         router = router if router is not None else TopKRouter(d_model=d_model, num_experts=num_experts)
-        if not isinstance(router, (TopKRouter, ExpertChoiceRouter)):
-            raise RoutingError(f"router must be a TopKRouter or ExpertChoiceRouter, got {type(router).__name__}")
+        if not isinstance(router, Router) or not hasattr(router, "num_experts"):
+            raise RoutingError(f"router must be a Router over experts (TopKRouter, ExpertChoiceRouter), "
+                               f"got {type(router).__name__}")
         if router.d_model != d_model or router.num_experts != num_experts:
             raise RoutingError(f"router was built for d_model={router.d_model}, num_experts={router.num_experts} "
                                f"but the MoE has d_model={d_model}, num_experts={num_experts}")
@@ -51,9 +53,22 @@ class MoE(nn.Module):
         self.shared = (FeedForward(d_model=d_model, d_ff=shared_expert_d_ff, activation=activation)
                        if shared_expert_d_ff else None)
 
+    selects_tokens = False  # every expert runs each step (possibly on no tokens), so all get gradients
+
     @property
     def causal(self) -> bool:
         return self.router.causal
+
+    @property
+    def causal_in_training(self) -> bool:
+        return self.router.causal_in_training
+
+    @property
+    def aux_loss_names(self) -> tuple[str, ...]:
+        return self.router.aux_loss_names
+
+    def routed_parameters(self) -> dict[str, RoutedParameters]:
+        return {"router": RoutedParameters(count_parameters(self.experts), groups=self.router.num_experts)}
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerInfo]:
         """x: [batch, seq, d_model] or [n, d_model]; padding_mask: leading shape of x, True = real."""
@@ -64,5 +79,5 @@ class MoE(nn.Module):
         else:
             y = dispatch_expert_parallel(flat, routing, self.experts, self.placement)
         if self.shared is not None:
-            y = y + self.shared(flat)
+            y = y + self.shared(flat)[0]
         return y.view(x.shape[:-1] + (y.shape[-1],)), LayerInfo(aux_losses=routing.aux_losses, metrics=routing.metrics)

@@ -1,8 +1,7 @@
 """Blocks that run only on the tokens a router selects: mixture-of-depths and learned layer skipping.
 
-A wrapped block has the block interface of ``condcomp.models``:
-``block(x [b, t, d], padding_mask=None, positions=None, cache=None) -> x + update`` (or with a
-LayerInfo). The wrapper gathers each sequence's selected tokens in position order, runs the block
+A wrapped block has the block interface of ``condcomp.layers.blocks``:
+``block(x [b, t, d], padding_mask=None, positions=None, cache=None) -> (x + update, LayerInfo)``. The wrapper gathers each sequence's selected tokens in position order, runs the block
 on them alone (so attention is among the selected tokens, at their original rotary positions), and
 adds ``weight * update`` back; unselected tokens pass through unchanged and, in incremental
 decoding, write nothing into the block's key/value cache.
@@ -14,8 +13,9 @@ import torch
 from torch import nn
 
 from condcomp.dispatch.sequences import SequencePack, dispatch_sequences
-from condcomp.layers.info import LayerInfo, split_output
-from condcomp.routing import BinaryGate, TokenSelectRouter
+from condcomp.layers.info import LayerInfo
+from condcomp.layers.traits import RoutedParameters, count_parameters
+from condcomp.routing import BinaryGate, Router, RoutingError, TokenSelectRouter
 
 
 def _width(block: nn.Module, d_model: int | None) -> int:
@@ -25,15 +25,37 @@ def _width(block: nn.Module, d_model: int | None) -> int:
     return d_model
 
 
-class _SelectedBlock(nn.Module):
-    def __init__(self, block: nn.Module, router: nn.Module):
+class SelectedBlock(nn.Module):
+    """A block run only on the tokens its one-group ``router`` selects (the base of MixtureOfDepths
+    and LayerSkip; use it directly with any such Router)."""
+
+    selects_tokens = True  # a step may select no token of the block
+
+    def __init__(self, block: nn.Module, router: Router):
         super().__init__()
+        if not isinstance(router, Router):
+            raise RoutingError(f"router must be a Router (TokenSelectRouter, BinaryGate), got {type(router).__name__}")
         self.block = block
         self.router = router
 
     @property
     def causal(self) -> bool:
-        return bool(getattr(self.router, "causal", False)) and bool(getattr(self.block, "causal", True))
+        return self.router.causal and bool(getattr(self.block, "causal", True))
+
+    @property
+    def causal_in_training(self) -> bool:
+        return self.router.causal_in_training and bool(getattr(self.block, "causal_in_training", True))
+
+    @property
+    def supports_cache(self) -> bool:
+        return bool(getattr(self.block, "supports_cache", False))
+
+    @property
+    def aux_loss_names(self) -> tuple[str, ...]:
+        return self.router.aux_loss_names
+
+    def routed_parameters(self) -> dict[str, RoutedParameters]:
+        return {"router": RoutedParameters(count_parameters(self.block))}
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache=None) -> tuple[torch.Tensor, LayerInfo]:
@@ -48,8 +70,8 @@ class _SelectedBlock(nn.Module):
         flat_positions = positions.reshape(-1)
 
         def run(xs: torch.Tensor, pack: SequencePack) -> torch.Tensor:
-            out, inner = split_output(self.block(xs, padding_mask=None if pack.all_valid else pack.valid,
-                                                 positions=flat_positions[pack.index], cache=cache))
+            out, inner = self.block(xs, padding_mask=None if pack.all_valid else pack.valid,
+                                    positions=flat_positions[pack.index], cache=cache)
             info.add("block", inner)
             return out - xs
 
@@ -57,7 +79,7 @@ class _SelectedBlock(nn.Module):
         return x + update.view(b, t, d).to(x.dtype), info
 
 
-class MixtureOfDepths(_SelectedBlock):
+class MixtureOfDepths(SelectedBlock):
     """Mixture-of-depths (Raposo et al., 2024): the whole block runs on the top ``capacity`` fraction
     of each sequence's tokens; x_i <- x_i + w_i * (block(X_sel)_i - x_i); the rest skip it.
 
@@ -83,7 +105,7 @@ class MixtureOfDepths(_SelectedBlock):
         super().__init__(block, router)
 
 
-class LayerSkip(_SelectedBlock):
+class LayerSkip(SelectedBlock):
     """Learned per-token layer skipping (Learning to Skip, Zeng et al., 2023): a binary gate per token decides
     whether the block runs on it (straight-through Gumbel-softmax in training, argmax at inference).
     Causal by construction. Aux loss "skip_rate" pulls the run rate toward ``target_rate``.

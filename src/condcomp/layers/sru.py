@@ -26,6 +26,8 @@ class SRULayer(nn.Module):
     the highway's projection of the input.
     """
 
+    owns_init = True  # the model's generic init must leave the paper's initialisation alone
+
     def __init__(self, input_size: int, hidden_size: int, *, bidirectional: bool = False, layer_norm: bool = False,
                  highway_bias: float = 0.0, input_proj: nn.Module | None = None, fast: bool = True):
         super().__init__()

@@ -1,5 +1,6 @@
 """Models built from condcomp layers."""
 
-from condcomp.models.transformer import ModelOutput, Transformer, TransformerBlock
+from condcomp.layers.blocks import TransformerBlock
+from condcomp.models.transformer import ModelOutput, Transformer
 
 __all__ = ["ModelOutput", "Transformer", "TransformerBlock"]

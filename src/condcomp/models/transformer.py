@@ -1,8 +1,8 @@
 """A configurable decoder-only Transformer LM.
 
 Pre-norm blocks (RMSNorm), rotary positions, SDPA causal attention, SwiGLU or GELU FFN, tied input
-and output embeddings. Each block's attention and feed-forward are named components from
-``condcomp.models.components``, so conditional layers drop in through the config.
+and output embeddings. Each block is a technique the config names (``model.block``, and inside it
+``model.attention`` and ``model.ffn``), built by the registry: this module names no technique.
 """
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from condcomp import registry
 from condcomp.config import ModelConfig
-from condcomp.layers.attention import Attention
-from condcomp.layers.info import LayerInfo, split_output
+from condcomp.layers.info import LayerInfo
 from condcomp.layers.kv_cache import ModelCache
 from condcomp.layers.norm import RMSNorm
-from condcomp.layers.selected_block import LayerSkip, MixtureOfDepths
-from condcomp.layers.sru import SRULayer, SRUppAttention
-from condcomp.models import components
-from condcomp.routing import BinaryGate
+from condcomp.layers.traits import look_ahead_modules
 
 
 @dataclass
@@ -51,106 +48,6 @@ class AuxCollector:
             self.metrics[f"{prefix}.{name}"] = value.detach() if torch.is_tensor(value) else value
 
 
-@components.register("block", "transformer")
-class TransformerBlock(nn.Module):
-    """x + attn(norm(x)), then + ffn(norm(x)).
-
-    The block interface every block type shares:
-    ``forward(x [b, t, d], padding_mask=None, positions=None, cache=None) -> (y, LayerInfo)``.
-    padding_mask [b, t]: True = real token. positions [b, t]: original positions when the block runs
-    on tokens gathered from a longer sequence. cache: a ModelCache for incremental decoding.
-    """
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.d_model = cfg.d_model
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = components.build("attention", cfg.attention, cfg, layer_idx)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = components.build("ffn", cfg.ffn, cfg, layer_idx)
-
-    @property
-    def supports_cache(self) -> bool:
-        return isinstance(self.attn, Attention)
-
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, cache: ModelCache | None = None):
-        info = LayerInfo()
-        kv = None
-        if cache is not None:
-            kv = cache.layer(f"layer{self.layer_idx}.attn")
-            if positions is None:
-                positions = (cache.offset + torch.arange(x.shape[1], device=x.device)).expand(x.shape[:2])
-        if positions is None and kv is None:
-            out = self.attn(self.attn_norm(x), padding_mask=padding_mask)
-        else:
-            out = self.attn(self.attn_norm(x), padding_mask=padding_mask, positions=positions, cache=kv)
-        y, attn_info = split_output(out)
-        info.add("attn", attn_info)
-        x = x + y
-        y, ffn_info = split_output(self.ffn(self.ffn_norm(x), padding_mask=padding_mask))
-        info.add("ffn", ffn_info)
-        return x + y, info
-
-
-@components.register("block", "mod")
-def _mod_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    """Mixture-of-depths on every ``mod.every``-th layer, dense blocks between."""
-    block = TransformerBlock(cfg, layer_idx)
-    if (layer_idx + 1) % cfg.mod.every:
-        return block
-    return MixtureOfDepths(block, d_model=cfg.d_model, capacity=cfg.mod.capacity, weighting="sigmoid",
-                           causal_scheme=cfg.mod.causal_scheme)
-
-
-@components.register("block", "skip")
-def _skip_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    """Learned per-token skipping on every ``skip.every``-th layer."""
-    block = TransformerBlock(cfg, layer_idx)
-    if (layer_idx + 1) % cfg.skip.every:
-        return block
-    return LayerSkip(block, d_model=cfg.d_model, target_rate=cfg.skip.target_rate, temperature=cfg.skip.temperature)
-
-
-class RecurrentBlock(nn.Module):
-    """x + SRU(norm(x)) or x + SRU++(norm(x)): one recurrent layer of d_model cells in the residual
-    stream, in place of attention + FFN (SRU++ has no FFN; its recurrence carries the state).
-    Same interface as TransformerBlock; no key/value cache (generation recomputes)."""
-
-    supports_cache = False
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int, *, attention: bool):
-        super().__init__()
-        rc = cfg.recurrence
-        self.d_model = cfg.d_model
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        proj = None
-        if attention and (layer_idx + 1) % rc.attn_every == 0:
-            attn_size = rc.attn_size or max(rc.attn_heads, cfg.d_model // 4)
-            proj = SRUppAttention(cfg.d_model, attn_size, 3 * cfg.d_model, n_heads=rc.attn_heads, causal=True,
-                                  dropout=cfg.dropout)
-        self.sru = SRULayer(cfg.d_model, cfg.d_model, highway_bias=rc.highway_bias, input_proj=proj)
-
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, cache: ModelCache | None = None):
-        if positions is not None or cache is not None:
-            raise ValueError("recurrent blocks run on whole sequences: no positions (MoD) and no cache")
-        real = None if padding_mask is None else padding_mask.t()
-        h, _ = self.sru(self.norm(x).transpose(0, 1), None, real)
-        return x + h.transpose(0, 1).to(x.dtype), LayerInfo()
-
-
-@components.register("block", "sru")
-def _sru_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    return RecurrentBlock(cfg, layer_idx, attention=False)
-
-
-@components.register("block", "srupp")
-def _srupp_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    return RecurrentBlock(cfg, layer_idx, attention=True)
-
-
 class Transformer(nn.Module):
     """Decoder LM. ``forward(tokens [batch, seq] int64) -> ModelOutput`` (logits [batch, seq, vocab])."""
 
@@ -160,7 +57,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            components.build("block", cfg.block, cfg, i) for i in range(cfg.n_layers)
+            registry.build("block", cfg.block, model=cfg, layer_idx=i) for i in range(cfg.n_layers)
         )
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -169,9 +66,9 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def _refuse_look_ahead(self) -> None:
-        """A decoder must not contain a layer whose routing reads future tokens."""
-        for name, module in self.named_modules():
-            if getattr(module, "causal", True) is False:
+        """A decoder must not contain a layer whose routing reads future tokens at inference."""
+        for name, module in look_ahead_modules(self):
+            if name:
                 raise ValueError(
                     f"{name} ({type(module).__name__}) is not causal: its routing would let a token see later "
                     "tokens, and the decoder would learn to cheat. Choose a causal scheme (e.g. "
@@ -188,14 +85,15 @@ class Transformer(nn.Module):
             is_residual_out = name.endswith(("out.weight", "down.weight", "experts.down"))
             nn.init.normal_(p, mean=0.0, std=residual_std if is_residual_out else std)
         for module in self.modules():
-            if isinstance(module, (BinaryGate, SRULayer)):
-                # BinaryGate: its bias makes tokens start by running the block. SRULayer: the paper's
-                # initialisation of W, the recurrent weights v and the highway bias.
+            if getattr(module, "owns_init", False):
+                # Layers with an initialisation of their own (a gate's run bias, SRU's paper init).
                 module.reset_parameters()
 
-    def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None) -> ModelOutput:
+    def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None,
+                padding_mask: torch.Tensor | None = None) -> ModelOutput:
         """tokens: [batch, seq] int64. cache: continue from the tokens a ModelCache has seen
-        (incremental decoding, inference mode only); it is advanced by seq."""
+        (incremental decoding, inference mode only); it is advanced by seq. padding_mask: [batch, seq]
+        bool, True = real token; padded tokens are never attended to or routed (their logits are junk)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
         end = tokens.shape[1] + (cache.offset if cache is not None else 0)
@@ -206,7 +104,7 @@ class Transformer(nn.Module):
         aux = AuxCollector()
         x = self.drop(self.embed(tokens))
         for i, block in enumerate(self.blocks):
-            x, info = split_output(block(x, cache=cache))
+            x, info = block(x, padding_mask=padding_mask, cache=cache)
             aux.add(f"layer{i}", info)
         if cache is not None:
             cache.offset = end
@@ -216,7 +114,7 @@ class Transformer(nn.Module):
     @property
     def supports_cache(self) -> bool:
         """True when every block can decode incrementally with a key/value cache."""
-        return all(getattr(getattr(b, "block", b), "supports_cache", False) for b in self.blocks)
+        return all(getattr(b, "supports_cache", False) for b in self.blocks)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

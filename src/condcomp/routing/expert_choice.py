@@ -7,9 +7,10 @@ import math
 import torch
 from torch import nn
 
+from condcomp.routing.base import Router, RouterTokens
 from condcomp.routing.losses import router_z_loss
 from condcomp.routing.metrics import routing_metrics
-from condcomp.routing.types import Routing, RoutingError, check_finite, flatten_tokens, router_dtype
+from condcomp.routing.types import Routing, RoutingError
 
 MODES = ("global", "per_position")
 
@@ -21,7 +22,7 @@ def _top_tokens(scores: torch.Tensor, c: int):
     return vals[..., :c], idx[..., :c]
 
 
-class ExpertChoiceRouter(nn.Module):
+class ExpertChoiceRouter(Router):
     """Experts choose tokens: expert j takes the c tokens with the highest router probability S[:, j].
 
     S = softmax over experts of x W; c = ceil(capacity_factor * tokens_in_group / experts);
@@ -51,9 +52,11 @@ class ExpertChoiceRouter(nn.Module):
         threshold_momentum: EMA momentum of the inference thresholds (per_position mode).
     """
 
+    aux_loss_names = ("z_loss",)
+
     def __init__(self, *, d_model: int, num_experts: int, capacity_factor: float = 2.0, mode: str = "global",
                  threshold_momentum: float = 0.99):
-        super().__init__()
+        super().__init__(d_model=d_model)
         if num_experts < 1:
             raise RoutingError(f"num_experts must be >= 1, got {num_experts}")
         if capacity_factor is None or not capacity_factor > 0:
@@ -63,7 +66,7 @@ class ExpertChoiceRouter(nn.Module):
             raise RoutingError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0 <= threshold_momentum < 1:
             raise RoutingError(f"threshold_momentum must be in [0, 1), got {threshold_momentum}")
-        self.d_model, self.num_experts = d_model, num_experts
+        self.num_experts = num_experts
         self.capacity_factor = capacity_factor
         self.mode = mode
         self.momentum = threshold_momentum
@@ -78,23 +81,18 @@ class ExpertChoiceRouter(nn.Module):
     def capacity(self, group_tokens: int) -> int:
         return min(group_tokens, math.ceil(self.capacity_factor * group_tokens / self.num_experts))
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> Routing:
-        """x: [batch, seq, d] or [n, d] (per_position needs [batch, seq, d]); padding_mask: True = real."""
-        flat, real, _ = flatten_tokens(x, padding_mask, self.d_model)
-        n, e = flat.shape[0], self.num_experts
-        with torch.autocast(flat.device.type, enabled=False):
-            h = flat.to(router_dtype(flat))
-            logits = h @ self.gate.weight.to(h.dtype).t()  # [n, e]
-            check_finite(logits)
-            probs = logits.softmax(dim=-1)
+    def select(self, logits: torch.Tensor, tokens: RouterTokens) -> Routing:
+        real = tokens.real
+        n = logits.shape[0]
+        probs = logits.softmax(dim=-1)
         scores = probs.masked_fill(~real[:, None], float("-inf"))
 
         if self.mode == "global":
             vals, idx = _top_tokens(scores.t(), self.capacity(int(real.sum())))  # [e, c]
-        elif x.dim() != 3:
+        elif len(tokens.shape) != 2:
             raise RoutingError("per_position expert choice needs input [batch, seq, d] to know the positions")
         elif self.training:
-            vals, idx = self._per_position(scores, *x.shape[:2])
+            vals, idx = self._per_position(scores, *tokens.shape)
         else:
             vals, idx = self._thresholded(scores)
         keep = torch.isfinite(vals)  # drops padding (and below-threshold slots)
@@ -102,10 +100,10 @@ class ExpertChoiceRouter(nn.Module):
         combine = vals[keep]
         group_sizes = keep.sum(1)
 
-        served = torch.zeros(n, dtype=torch.bool, device=x.device)
+        served = torch.zeros(n, dtype=torch.bool, device=logits.device)
         served[token_index] = True
         routing = Routing(token_index=token_index, group_sizes=group_sizes, combine_weights=combine, num_tokens=n,
-                          dropped=torch.zeros(n, dtype=torch.bool, device=x.device),
+                          dropped=torch.zeros(n, dtype=torch.bool, device=logits.device),
                           aux_losses={"z_loss": router_z_loss(logits, real)})
         routing.metrics = routing_metrics(probs, token_index, group_sizes, real, routing.dropped)
         routing.metrics["fraction_unserved"] = (real & ~served).sum() / real.sum().clamp(min=1)

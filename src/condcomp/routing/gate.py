@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condcomp.routing.types import Routing, RoutingError, check_finite, flatten_tokens, router_dtype
+from condcomp.routing.base import Router, RouterTokens
+from condcomp.routing.types import Routing, RoutingError
 
 
-class BinaryGate(nn.Module):
+class BinaryGate(Router):
     """Each token decides alone whether a computation runs on it: causal by construction.
 
     Logits = Linear(d -> 2)(x) for (skip, run). Training: straight-through Gumbel-softmax — the
@@ -25,42 +26,37 @@ class BinaryGate(nn.Module):
         init_run_bias: initial logit bias towards running (tokens start by running the block).
     """
 
+    aux_loss_names = ("skip_rate",)
+    owns_init = True  # the model's generic init must not overwrite the run bias
+
     def __init__(self, *, d_model: int, target_rate: float, temperature: float = 1.0, init_run_bias: float = 2.0):
-        super().__init__()
+        super().__init__(d_model=d_model)
         if not 0 < target_rate <= 1:
             raise RoutingError(f"target_rate must be in (0, 1] (fraction of tokens that run), got {target_rate}")
         if temperature <= 0:
             raise RoutingError(f"temperature must be > 0, got {temperature}")
-        self.d_model, self.target_rate, self.temperature = d_model, target_rate, temperature
+        self.target_rate, self.temperature = target_rate, temperature
         self.gate = nn.Linear(d_model, 2)
         self.init_run_bias = init_run_bias
         self.reset_parameters()
-
-    causal = True
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.gate.weight, std=0.02)
         with torch.no_grad():
             self.gate.bias.copy_(torch.tensor([0.0, self.init_run_bias]))
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> Routing:
-        """x: [batch, seq, d] or [n, d]; padding_mask: leading shape of x, True = real."""
-        flat, real, _ = flatten_tokens(x, padding_mask, self.d_model)
-        n = flat.shape[0]
-        with torch.autocast(flat.device.type, enabled=False):
-            h = flat.to(router_dtype(flat))
-            logits = h @ self.gate.weight.to(h.dtype).t() + self.gate.bias.to(h.dtype)  # [n, 2]
-            check_finite(logits)
-            if self.training:
-                run_w = F.gumbel_softmax(logits, tau=self.temperature, hard=True)[:, 1]  # 0/1, soft grad
-            else:
-                run_w = (logits[:, 1] > logits[:, 0]).to(h.dtype)
-            run_w = run_w * real
-            rate = run_w.sum() / real.sum().clamp(min=1)
+    def select(self, logits: torch.Tensor, tokens: RouterTokens) -> Routing:
+        real, n = tokens.real, tokens.num_tokens
+        if self.training:
+            run_w = F.gumbel_softmax(logits, tau=self.temperature, hard=True)[:, 1]  # 0/1, soft grad
+        else:
+            run_w = (logits[:, 1] > logits[:, 0]).to(logits.dtype)
+        run_w = run_w * real
+        rate = run_w.sum() / real.sum().clamp(min=1)
         token_index = (run_w > 0).nonzero().squeeze(1)
         return Routing(token_index=token_index, group_sizes=token_index.new_tensor([token_index.numel()]),
                        combine_weights=run_w.index_select(0, token_index), num_tokens=n,
-                       dropped=torch.zeros(n, dtype=torch.bool, device=x.device),
+                       dropped=torch.zeros(n, dtype=torch.bool, device=logits.device),
                        aux_losses={"skip_rate": (rate - self.target_rate) ** 2},
                        metrics={"fraction_selected": rate.detach(),
                                 "run_probability": (logits.softmax(-1)[:, 1] * real).sum().detach() / real.sum().clamp(min=1)})

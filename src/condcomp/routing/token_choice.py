@@ -7,20 +7,30 @@ import math
 import torch
 from torch import nn
 
+from condcomp.routing.base import Router, RouterTokens
 from condcomp.routing.losses import load_balance_loss, router_z_loss
 from condcomp.routing.metrics import routing_metrics
-from condcomp.routing.types import Routing, RoutingError, check_finite, flatten_tokens, router_dtype
+from condcomp.routing.types import Routing, RoutingError
+
+PRIORITIES = ("position_major", "rank_major")
 
 
-class TopKRouter(nn.Module):
+class TopKRouter(Router):
     """Each token picks its k highest-probability experts.
 
-    Capacity per expert = ceil(capacity_factor * k * real_tokens / experts); assignments past it are
-    dropped (the token keeps only its residual path). Priority when an expert overflows: all first
-    choices before any second choice (GShard), and within a rank, earlier sequence positions first,
-    taken position by position across the batch. Because of that order a token's drop decision
-    depends only on tokens at its own or earlier positions, so this router is causal and safe in a
-    decoder, with or without capacity. ``capacity_factor=None`` is dropless.
+    Capacity per expert = ceil(capacity_factor * k * tokens / experts); assignments past it are
+    dropped (the token keeps only its residual path). ``capacity_factor=None`` is dropless.
+    Which assignments an overflowing expert keeps is set by ``priority``:
+
+    - "position_major" (default; decoders): position by position across the batch — every choice
+      of the position-0 tokens, then position 1, ...; within a position, first choices before second
+      choices. A token's slot depends only on tokens at its own or earlier positions, and the
+      capacity counts every token slot of the input (padding included), so it cannot depend on how
+      many real tokens come later either: causal, with or without capacity.
+    - "rank_major" (GShard; encoders): every first choice, at every position, before any second
+      choice, and the capacity counts real tokens only. HAZARD — whether an early token keeps its
+      second choice then depends on later tokens' first choices: it reads the future. ``causal`` is
+      False (unless dropless) and a decoder refuses to build with it.
 
     Args:
         d_model: input feature size.
@@ -29,64 +39,69 @@ class TopKRouter(nn.Module):
         capacity_factor: > 0, or None for dropless.
         renormalize: rescale the k gate values to sum to 1 (default: True when k > 1).
         jitter: multiplicative input noise U(1-jitter, 1+jitter) in training (Switch); 0 = off.
+        priority: "position_major" or "rank_major", as above.
     """
 
-    causal = True
+    aux_loss_names = ("load_balance", "z_loss")
 
     def __init__(self, *, d_model: int, num_experts: int, k: int = 1, capacity_factor: float | None = 1.25,
-                 renormalize: bool | None = None, jitter: float = 0.0):
-        super().__init__()
+                 renormalize: bool | None = None, jitter: float = 0.0, priority: str = "position_major"):
+        super().__init__(d_model=d_model, jitter=jitter)
         if num_experts < 1:
             raise RoutingError(f"num_experts must be >= 1, got {num_experts}")
         if not 1 <= k <= num_experts:
             raise RoutingError(f"k must be between 1 and num_experts={num_experts}, got {k}")
         if capacity_factor is not None and not capacity_factor > 0:
             raise RoutingError(f"capacity_factor must be > 0, got {capacity_factor}; use None for dropless")
-        if not 0 <= jitter < 1:
-            raise RoutingError(f"jitter must be in [0, 1), got {jitter}")
-        self.d_model, self.num_experts, self.k = d_model, num_experts, k
+        if priority not in PRIORITIES:
+            raise RoutingError(f"priority must be one of {PRIORITIES}, got {priority!r}")
+        self.num_experts, self.k = num_experts, k
         self.capacity_factor = capacity_factor
         self.renormalize = (k > 1) if renormalize is None else renormalize
-        self.jitter = jitter
+        self.priority = priority
         self.gate = nn.Linear(d_model, num_experts, bias=False)
 
-    def capacity(self, real_tokens: int) -> int | None:
+    @property
+    def causal(self) -> bool:
+        return self.priority == "position_major" or self.capacity_factor is None
+
+    def capacity(self, tokens: int) -> int | None:
+        """Slots per expert for ``tokens`` tokens (None: dropless)."""
         if self.capacity_factor is None:
             return None
-        return math.ceil(self.capacity_factor * self.k * real_tokens / self.num_experts)
+        return math.ceil(self.capacity_factor * self.k * tokens / self.num_experts)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> Routing:
-        """x: [batch, seq, d] or [n, d]; padding_mask: same leading shape, True = real token."""
-        flat, real, order = flatten_tokens(x, padding_mask, self.d_model)
-        n, e, k = flat.shape[0], self.num_experts, self.k
-        # Routing decisions in fp32 even under bf16 autocast: top-k ties and softmax need the precision.
-        with torch.autocast(flat.device.type, enabled=False):
-            h = flat.to(router_dtype(flat))
-            if self.training and self.jitter > 0:
-                h = h * torch.empty_like(h).uniform_(1 - self.jitter, 1 + self.jitter)
-            logits = h @ self.gate.weight.to(h.dtype).t()  # [n, e]
-            check_finite(logits)
-            probs = logits.softmax(dim=-1)
-            top_p, top_e = probs.topk(k, dim=-1)  # [n, k]
-            gates = top_p / top_p.sum(-1, keepdim=True) if self.renormalize else top_p
+    def select(self, logits: torch.Tensor, tokens: RouterTokens) -> Routing:
+        real, order = tokens.real, tokens.order
+        n, e, k = logits.shape[0], self.num_experts, self.k
+        probs = logits.softmax(dim=-1)
+        top_p, top_e = probs.topk(k, dim=-1)  # [n, k]
+        gates = top_p / top_p.sum(-1, keepdim=True) if self.renormalize else top_p
 
-        # Assignments in priority order: rank-major, then position-major over tokens.
-        token_flat = order.repeat(k)  # [k*n]
-        expert_flat = top_e[order].t().reshape(-1)
-        gate_flat = gates[order].t().reshape(-1)
+        # Assignments [k*n] listed in priority order; a stable sort by expert keeps that order
+        # within each expert, so an assignment's slot is its rank among the expert's earlier ones.
+        if self.priority == "rank_major":
+            token_flat = order.repeat(k)
+            expert_flat = top_e[order].t().reshape(-1)
+            gate_flat = gates[order].t().reshape(-1)
+            cap = self.capacity(int(real.sum()))
+        else:
+            token_flat = order.repeat_interleave(k)
+            expert_flat = top_e[order].reshape(-1)
+            gate_flat = gates[order].reshape(-1)
+            cap = self.capacity(n)
         expert_key = torch.where(real[token_flat], expert_flat, e)  # padding sorts into a discarded bucket
         sorted_key, perm = torch.sort(expert_key, stable=True)
         counts = torch.bincount(sorted_key, minlength=e + 1)[:e]
         starts = torch.cumsum(counts, 0) - counts
         valid = sorted_key < e
-        slot = torch.arange(k * n, device=x.device) - starts[sorted_key.clamp(max=e - 1)]
-        cap = self.capacity(int(real.sum()))
+        slot = torch.arange(k * n, device=logits.device) - starts[sorted_key.clamp(max=e - 1)]
         keep = valid if cap is None else valid & (slot < cap)
         token_index = token_flat[perm][keep]
         combine = gate_flat[perm][keep]
         group_sizes = counts if cap is None else counts.clamp(max=cap)
 
-        served = torch.zeros(n, dtype=torch.bool, device=x.device)
+        served = torch.zeros(n, dtype=torch.bool, device=logits.device)
         served[token_index] = True
         dropped = real & ~served
         routing = Routing(

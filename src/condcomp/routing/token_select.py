@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from condcomp.routing.base import Router, RouterTokens
 from condcomp.routing.soft_top_k import soft_top_k
-from condcomp.routing.types import Routing, RoutingError, check_finite, flatten_tokens, router_dtype
+from condcomp.routing.types import Routing, RoutingError
 
 WEIGHTINGS = ("soft_top_k", "sigmoid")
 CAUSAL_SCHEMES = (None, "aux_loss", "predictor")
@@ -22,7 +23,7 @@ def top_k_per_row(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return rank < k[:, None]
 
 
-class TokenSelectRouter(nn.Module):
+class TokenSelectRouter(Router):
     """Picks ceil(capacity * real tokens) tokens per sequence by a learned score s_i = x_i . u.
 
     Routing: one group (the computation being skipped or not); ``token_index`` ascending, so the
@@ -41,7 +42,8 @@ class TokenSelectRouter(nn.Module):
         "predictor": a small MLP on the stop-gradient input predicts membership (aux loss
                      "predictor_bce", trains only the predictor); at inference, computed iff its logit > 0.
     In training the selection stays the paper's top-k (the known, small leak of MoD training: the
-    picked set depends on the sequence); every inference-mode output is causal, and tests prove it.
+    picked set depends on the sequence), so ``causal_in_training`` is False; every inference-mode
+    output is causal (``causal`` is True), and tests prove both.
     At inference the number computed varies per sequence; metric "fraction_selected" reports it and
     "predictor_accuracy" the agreement of the causal decision with top-k.
 
@@ -52,7 +54,7 @@ class TokenSelectRouter(nn.Module):
 
     def __init__(self, *, d_model: int, capacity: float, weighting: str = "soft_top_k",
                  causal_scheme: str | None = None, eps: float = 0.1, predictor_hidden: int = 64):
-        super().__init__()
+        super().__init__(d_model=d_model)
         if not 0 < capacity <= 1:
             raise RoutingError(f"capacity must be in (0, 1] (fraction of tokens computed), got {capacity}")
         if weighting not in WEIGHTINGS:
@@ -64,7 +66,7 @@ class TokenSelectRouter(nn.Module):
                                "a causal router needs weighting='sigmoid'")
         if eps <= 0:
             raise RoutingError(f"eps must be > 0, got {eps}")
-        self.d_model, self.capacity = d_model, capacity
+        self.capacity = capacity
         self.weighting, self.causal_scheme, self.eps = weighting, causal_scheme, eps
         self.score = nn.Linear(d_model, 1, bias=False)
         self.predictor = (nn.Sequential(nn.Linear(d_model, predictor_hidden), nn.GELU(), nn.Linear(predictor_hidden, 1))
@@ -74,47 +76,55 @@ class TokenSelectRouter(nn.Module):
     def causal(self) -> bool:
         return self.causal_scheme is not None
 
+    @property
+    def aux_loss_names(self) -> tuple[str, ...]:
+        return {"aux_loss": ("router_bce",), "predictor": ("predictor_bce",)}.get(self.causal_scheme, ())
+
+    @property
+    def causal_in_training(self) -> bool:
+        return False  # training picks the top-k of the whole sequence
+
     def tokens_per_sequence(self, real_count: torch.Tensor) -> torch.Tensor:
         """[b] real tokens -> [b] tokens selected in training (at least one if any is real)."""
         return torch.ceil(real_count.to(torch.float64) * self.capacity - 1e-9).to(torch.int64)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> Routing:
-        """x: [batch, seq, d]; padding_mask: [batch, seq] bool, True = real. Returns a one-group Routing."""
-        if x.dim() != 3:
-            raise RoutingError(f"a sequence router needs input [batch, seq, d], got shape {tuple(x.shape)}")
-        flat, real_flat, _ = flatten_tokens(x, padding_mask, self.d_model)
-        b, t = x.shape[:2]
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.score.weight.to(hidden.dtype).t()
+
+    def select(self, logits: torch.Tensor, tokens: RouterTokens) -> Routing:
+        """Needs input [batch, seq, d]; returns a one-group Routing, token_index ascending."""
+        if len(tokens.shape) != 2:
+            raise RoutingError(f"a sequence router needs input [batch, seq, d], got leading shape {tokens.shape}")
+        b, t = tokens.shape
+        real_flat, h = tokens.real, tokens.hidden
         real = real_flat.view(b, t)
-        with torch.autocast(flat.device.type, enabled=False):
-            h = flat.to(router_dtype(flat))
-            s = (h @ self.score.weight.to(h.dtype).t()).view(b, t)
-            check_finite(s)
-            k = self.tokens_per_sequence(real.sum(1))
-            top = top_k_per_row(s.detach().masked_fill(~real, float("-inf")), k) & real
-            aux, metrics = {}, {}
-            decide = None
-            if self.causal_scheme == "aux_loss":
-                aux["router_bce"] = _masked_bce(s, top, real)
-                decide = s.detach() > 0
-            elif self.causal_scheme == "predictor":
-                p = self.predictor(h.detach().to(self.predictor[0].weight.dtype)).view(b, t).to(h.dtype)
-                aux["predictor_bce"] = _masked_bce(p, top, real)
-                decide = p.detach() > 0
-            if decide is not None:
-                agree = ((decide == top) & real).sum() / real.sum().clamp(min=1)
-                metrics["predictor_accuracy"] = agree.detach()
-            selected = top if (self.training or decide is None) else decide & real
-            if self.weighting == "soft_top_k":
-                w = soft_top_k(s, k.clamp(min=1).to(s.dtype), eps=self.eps, mask=real)
-            else:
-                w = torch.sigmoid(s)
+        s = logits.view(b, t)
+        k = self.tokens_per_sequence(real.sum(1))
+        top = top_k_per_row(s.detach().masked_fill(~real, float("-inf")), k) & real
+        aux, metrics = {}, {}
+        decide = None
+        if self.causal_scheme == "aux_loss":
+            aux["router_bce"] = _masked_bce(s, top, real)
+            decide = s.detach() > 0
+        elif self.causal_scheme == "predictor":
+            p = self.predictor(h.detach().to(self.predictor[0].weight.dtype)).view(b, t).to(h.dtype)
+            aux["predictor_bce"] = _masked_bce(p, top, real)
+            decide = p.detach() > 0
+        if decide is not None:
+            agree = ((decide == top) & real).sum() / real.sum().clamp(min=1)
+            metrics["predictor_accuracy"] = agree.detach()
+        selected = top if (self.training or decide is None) else decide & real
+        if self.weighting == "soft_top_k":
+            w = soft_top_k(s, k.clamp(min=1).to(s.dtype), eps=self.eps, mask=real)
+        else:
+            w = torch.sigmoid(s)
         flat_sel = selected.reshape(-1)
         token_index = flat_sel.nonzero().squeeze(1)  # ascending: row-major, positions in order
         metrics["fraction_selected"] = (flat_sel.sum() / real_flat.sum().clamp(min=1)).detach()
         metrics["mean_weight"] = (w.reshape(-1)[token_index].mean() if token_index.numel() else w.new_zeros(())).detach()
         return Routing(token_index=token_index, group_sizes=token_index.new_tensor([token_index.numel()]),
                        combine_weights=w.reshape(-1).index_select(0, token_index), num_tokens=b * t,
-                       dropped=torch.zeros(b * t, dtype=torch.bool, device=x.device), aux_losses=aux, metrics=metrics)
+                       dropped=torch.zeros(b * t, dtype=torch.bool, device=logits.device), aux_losses=aux, metrics=metrics)
 
 
 def _masked_bce(logits: torch.Tensor, target: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

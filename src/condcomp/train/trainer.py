@@ -30,6 +30,7 @@ from condcomp.data import eval_batches, load_corpus, train_batch
 from condcomp.distributed import (DistributedError, Runtime, clip_grad_norm, full_experts, full_optimizer_state,
                                   ignore_in_ddp, init_distributed, reduce_expert_grads, shard_experts,
                                   shard_optimizer_state)
+from condcomp.layers.traits import aux_loss_names, selects_tokens
 from condcomp.models import Transformer
 from condcomp.train import checkpoint as ckpt
 
@@ -154,6 +155,10 @@ class Trainer:
                     f"the {split} split of {self.corpus.description} has {len(self.corpus.split(split))} bytes, "
                     f"fewer than model.seq_len + 1 = {cfg.model.seq_len + 1}; use more text or a smaller model.seq_len")
         self.model = Transformer(cfg.model)
+        missing = sorted(aux_loss_names(self.model) - set(tc.aux_loss_weights))
+        if missing:
+            raise TrainingError(f"the model's layers return aux loss(es) {missing} but train.aux_loss_weights has no "
+                                f"weight for them; add train.aux_loss_weights.{missing[0]}: <weight> (0 to ignore it)")
         self.step = 0
         self.total_flops = 0.0
         self.tokens_seen = 0
@@ -189,11 +194,9 @@ class Trainer:
             ignore_in_ddp(self.model, shard_experts(self.model, self.rt.expert_group))
         # Token-selection layers can leave a whole block without tokens in a step; DDP must then not
         # wait for its gradients. Buffers (expert-choice thresholds) follow rank 0, as BatchNorm's do.
-        m = self.cfg.model
-        selective = m.block in ("mod", "skip") or m.ffn == "conditional" or m.attention == "conditional"
         return torch.nn.parallel.DistributedDataParallel(
             self.model, device_ids=[self.rt.local_rank] if self.rt.device.type == "cuda" else None,
-            find_unused_parameters=selective, gradient_as_bucket_view=True)
+            find_unused_parameters=selects_tokens(self.model), gradient_as_bucket_view=True)
 
     def budget_progress(self) -> float:
         """Fraction of the FLOPs or wall-clock budget spent (0 without a budget)."""

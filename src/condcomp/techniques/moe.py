@@ -1,0 +1,85 @@
+"""Mixture of experts in place of the FFN: token choice (Switch top-1, GShard top-2) or expert choice.
+
+    model: {ffn: moe, moe: {num_experts: 8, router: top_k, k: 2, capacity_factor: 1.25}}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from condcomp import registry
+from condcomp.layers.feedforward import FeedForward
+from condcomp.layers.moe import MoE
+from condcomp.routing import ExpertChoiceRouter, TopKRouter
+from condcomp.settings import ConfigError, Settings, setting
+
+
+@dataclass
+class MoESettings(Settings):
+    """Settings of ``ffn: moe`` (section ``model.moe``)."""
+
+    num_experts: int = setting(8, ge=1)
+    router: str = setting("top_k", choices=("top_k", "expert_choice"))
+    k: int = setting(1, ge=1, help="experts per token (top_k router)")
+    capacity_factor: float | None = setting(1.25, gt=0.0, help="null = dropless (top_k only)")
+    renormalize: bool | None = setting(None, help="top_k: rescale the k gates to sum to 1 (default: k > 1)")
+    jitter: float = setting(0.0, ge=0.0, lt=1.0)
+    priority: str = setting("position_major", choices=("position_major", "rank_major"),
+                            help="top_k overflow order; rank_major (GShard) reads future tokens: encoders only")
+    expert_choice_mode: str = setting("per_position", choices=("per_position", "global"),
+                                      help="global reads future tokens: encoders only")
+    d_ff: int | None = setting(None, ge=1, help="hidden size of each expert; default: the dense FFN's")
+    activation: str = setting("gelu", choices=("gelu", "swiglu"))
+    shared_expert_d_ff: int | None = setting(None, ge=1)
+    moe_every: int = setting(1, ge=1, help="layer i is MoE when (i + 1) % moe_every == 0; others dense")
+
+    def check(self) -> None:
+        if self.router == "top_k" and self.k > self.num_experts:
+            raise ConfigError(f"k: {self.k} exceeds num_experts={self.num_experts}")
+        if self.router == "expert_choice" and self.capacity_factor is None:
+            raise ConfigError("capacity_factor: expert choice needs a number (2.0 = top-2 compute), not null")
+
+    @property
+    def causal(self) -> bool:
+        """Whether the router it builds never reads later positions (as the router declares)."""
+        if self.router == "expert_choice":
+            return self.expert_choice_mode == "per_position"
+        return self.priority == "position_major" or self.capacity_factor is None
+
+
+def _validate(model) -> None:
+    m = model.moe
+    if m.router == "expert_choice" and m.expert_choice_mode == "global":
+        raise ConfigError(
+            "moe.expert_choice_mode: 'global' expert choice ranks tokens against future positions, so a "
+            "decoder would learn to read the future; use expert_choice_mode: per_position")
+    if not m.causal:
+        raise ConfigError(
+            "moe.priority: 'rank_major' keeps every first choice before any second choice, so whether an early "
+            "token keeps its second expert depends on later tokens; a decoder would learn to read the future. "
+            "Use priority: position_major (or capacity_factor: null)")
+
+
+def build_router(*, d_model: int, settings: MoESettings):
+    """The router ``settings`` describe, over ``settings.num_experts`` experts."""
+    s = settings
+    if s.router == "top_k":
+        return TopKRouter(d_model=d_model, num_experts=s.num_experts, k=s.k, capacity_factor=s.capacity_factor,
+                          renormalize=s.renormalize, jitter=s.jitter, priority=s.priority)
+    return ExpertChoiceRouter(d_model=d_model, num_experts=s.num_experts, capacity_factor=s.capacity_factor,
+                              mode=s.expert_choice_mode)
+
+
+@registry.register("ffn", "moe", settings=MoESettings, summary="mixture of experts: top-k token choice or expert choice",
+                   causal=lambda model: model.moe.causal, activation=lambda model: model.moe.activation,
+                   aux_loss_weights={"load_balance": 0.01, "z_loss": 0.001}, validate=_validate)
+def build(*, model, settings: MoESettings, layer_idx: int) -> nn.Module:
+    """MoE on every ``moe_every``-th layer, a dense FFN of the experts' activation between."""
+    if (layer_idx + 1) % settings.moe_every:
+        return FeedForward(d_model=model.d_model, d_ff=model.ffn_hidden, activation=settings.activation,
+                           dropout=model.dropout)
+    router = build_router(d_model=model.d_model, settings=settings)
+    return MoE(d_model=model.d_model, d_ff=settings.d_ff or model.ffn_hidden, num_experts=settings.num_experts,
+               router=router, activation=settings.activation, shared_expert_d_ff=settings.shared_expert_d_ff)
