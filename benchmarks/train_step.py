@@ -17,7 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from condcomp.config import ModelConfig, TrainConfig
 from condcomp.models import Transformer
-from condcomp.train.trainer import autocast, build_optimizer, lm_loss
+from condcomp.train.optim import autocast, build_optimizer
+from condcomp.train.trainer import lm_loss
 
 
 def gemm_peak(dtype: torch.dtype, n: int = 2048) -> float:
@@ -58,7 +59,8 @@ def main() -> None:
         for precision in ("fp32", "bf16"):
             cfg = ModelConfig(d_model=d, n_layers=args.layers, n_heads=d // 64, seq_len=args.seq)
             model = Transformer(cfg)
-            opt = build_optimizer(model, TrainConfig())
+            tc = TrainConfig()
+            opt = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2))
             x = torch.randint(0, 256, (args.batch, args.seq))
             y = torch.randint(0, 256, (args.batch, args.seq))
             step = step_fn(model, opt, x, y, precision)

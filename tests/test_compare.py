@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from condcomp.bench.compare import load_grid, run_grid
-from condcomp.bench.report import write_report
+from condcomp.compare import load_grid, run_grid, write_report
 from condcomp.config import ConfigError
 
 BUDGET = 2.0e9
@@ -153,3 +152,15 @@ def test_report_renders_in_headless_chromium(finished_grid, tmp_path):
     imgs = int(dom.split("<title>imgs:")[1].split()[0])
     rows = int(dom.split(" rows:")[1].split("<")[0])
     assert imgs >= 3 and rows == 2
+
+
+def test_a_variant_that_fails_names_itself_and_the_grid_stops_cleanly(tmp_path, text_file):
+    from condcomp.train import TrainingError
+
+    grid_path = write_grid(tmp_path, text_file)
+    # The validation split of the tiny corpus is far shorter than this window: the child refuses to train.
+    grid_path.write_text(grid_path.read_text().replace("model.moe.d_ff=32]", "model.moe.d_ff=32, model.seq_len=65536]"))
+    grid = load_grid(grid_path)
+    with pytest.raises(TrainingError, match="training variant moe failed .exit 2.*run the same compare command"):
+        run_grid(grid, tmp_path / "out", infer_time=0.05, log=lambda *_: None)
+    assert (tmp_path / "out" / "variants" / "dense" / "result.json").is_file()  # the finished one is kept

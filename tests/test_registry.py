@@ -98,3 +98,20 @@ def test_the_trainer_asks_for_a_weight_for_every_aux_loss_before_training(toy_te
     cfg = tiny_config("noweight", **{"model.ffn": "toy_gated", "train.aux_loss_weights": "{load_balance: 0.01}"})
     with pytest.raises(TrainingError, match="toy_l2"):
         Trainer(cfg)
+
+
+def test_condcomp_techniques_lists_every_registered_technique_from_the_registry(toy_technique, capsys):
+    from condcomp.cli import main
+
+    assert main(["techniques", "--json"]) == 0
+    items = json.loads(capsys.readouterr().out)
+    listed = {(i["kind"], i["name"]) for i in items}
+    assert listed == {(t.kind, t.name) for t in registry.techniques()}
+    toy = next(i for i in items if i["name"] == "toy_gated")
+    assert toy["section"] == "toy" and toy["causal"] is True and toy["aux_loss_weights"] == {"toy_l2": 0.5}
+    assert [s["name"] for s in toy["settings"]] == ["width", "l2"] and toy["settings"][0]["default"] == 16
+    moe = next(i for i in items if i["name"] == "moe")
+    assert any(s["name"] == "priority" and "encoders only" in s["notes"] for s in moe["settings"])
+    assert main(["techniques"]) == 0
+    text = capsys.readouterr().out
+    assert "ffn: toy_gated" in text and "model.toy.*" in text and "width" in text

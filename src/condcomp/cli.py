@@ -64,8 +64,7 @@ def _sample(args) -> int:
 
 
 def _compare(args) -> int:
-    from condcomp.bench.compare import load_grid, run_grid
-    from condcomp.bench.report import terminal_table, write_report
+    from condcomp.compare import load_grid, run_grid, terminal_table, write_report
 
     grid = load_grid(args.grid, args.set)
     out = Path(args.out or Path("runs") / f"compare-{grid.name}")
@@ -86,6 +85,16 @@ def _demo(args) -> int:
         # Each demo is a fresh comparison: keep earlier ones, number the new one.
         out = str(Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
     return _compare(argparse.Namespace(grid=grid, out=out, set=args.set))
+
+
+def _techniques(args) -> int:
+    import json
+
+    from condcomp.techniques_listing import describe, render_text
+
+    items = describe()
+    print(json.dumps(items, indent=1) if args.json else render_text(items), end="" if not args.json else "\n")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every variant")
     d.set_defaults(func=_demo)
 
+    ls = sub.add_parser("techniques", help="list every technique a config can name, its settings, and whether it is causal")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=_techniques)
+
     from condcomp import cli_coda
 
     cli_coda.add_parser(sub)
@@ -137,15 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from condcomp.data import DataError
-    from condcomp.convert import ConvertError, PretrainedError
-    from condcomp.distributed import DistributedError
-    from condcomp.train import CheckpointError, TrainingError
+    from condcomp.errors import user_errors
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError, ConvertError, PretrainedError,
-            DistributedError) as e:
+    except user_errors() as e:
         print(f"condcomp {args.command}: error: {e}", file=sys.stderr)
         return 2
 

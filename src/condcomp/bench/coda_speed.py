@@ -14,7 +14,7 @@ import torch
 
 from condcomp.bench.measure import timed_alternating
 from condcomp.convert import convert, load_encoder
-from condcomp.train.trainer import autocast
+from condcomp.train.optim import autocast
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 import torch
 import torch.utils.benchmark as tb
 
-from condcomp.train.trainer import autocast
+from condcomp.train.optim import autocast
 
 
 def parameter_storages(modules: Iterable[torch.nn.Module]) -> set[int]:
@@ -86,3 +86,21 @@ def prepare(fwd: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, precis
 
     f_only(), f_both()  # warm-up
     return Prepared(f_only, f_both, saved_bytes(f_fwd, params))
+
+
+@torch.no_grad()
+def inference_tokens_per_s(model, data, precision: str, batch: int = 8, min_time: float = 1.0) -> float:
+    """Forward-only tokens/s of an LM in inference mode on validation windows of ``data`` (uint8 array),
+    timed with torch.utils.benchmark on all threads."""
+    from condcomp.data import eval_batches
+
+    x, _ = next(iter(eval_batches(data, batch_size=batch, seq_len=model.cfg.seq_len, max_batches=1)))
+
+    def run():
+        with autocast(precision):
+            model(x)
+
+    run()
+    t = tb.Timer("run()", globals={"run": run}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_time)
+    return x.numel() / t.median

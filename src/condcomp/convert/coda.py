@@ -15,23 +15,24 @@ the frozen layer), ``"probe"`` (frozen encoder, only the head trains) and ``"fin
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from condcomp.dispatch.sequences import SequencePack, dispatch_sequences
 from condcomp.routing.token_select import TokenSelectRouter
+from condcomp.settings import ConfigError, Settings, setting
 
 METHODS = ("coda", "adapter", "probe", "finetune")
 
 
-class ConvertError(ValueError):
+class ConvertError(ConfigError):
     """Invalid conversion options; the message says what to change."""
 
 
 @dataclass
-class CodaConfig:
+class CodaConfig(Settings):
     """How a pretrained encoder is converted and what head sits on it.
 
     method: "coda" (routed frozen layers + adapters), "adapter" (dense frozen layers + adapters),
@@ -46,42 +47,26 @@ class CodaConfig:
         feature extractors, and on CPU the attention-dropout path is about 5x slower than SDPA without it.
     """
 
-    method: str = "coda"
-    reduction: int = 4
-    adapter_dim: int = 64
-    layers: list[int] | None = None
-    eps: float = 0.1
-    num_labels: int = 2
-    label_names: list[str] = field(default_factory=list)
-    base_model: str = "minilm"
-    max_length: int = 512
-    dropout: bool = False
+    error = ConvertError
 
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ConvertError(f"method must be one of {METHODS}, got {self.method!r}")
-        if not isinstance(self.reduction, int) or self.reduction < 1:
+    method: str = setting("coda", choices=METHODS)
+    reduction: int = setting(4, ge=1, help="k = n / r tokens computed per converted layer")
+    adapter_dim: int = setting(64, ge=0)
+    layers: list[int] | None = setting(None)
+    eps: float = setting(0.1, gt=0.0)
+    num_labels: int = setting(2, ge=2)
+    label_names: list[str] = setting(default_factory=list)
+    base_model: str = setting("minilm")
+    max_length: int = setting(512, ge=2)
+    dropout: bool = setting(False)
+
+    def check(self) -> None:
+        if not isinstance(self.reduction, int):
             raise ConvertError(f"reduction r must be an integer >= 1 (k = n / r tokens computed), got {self.reduction!r}")
         if self.method in ("coda", "adapter") and self.adapter_dim < 1:
             raise ConvertError(f"adapter_dim must be >= 1 for method {self.method!r}, got {self.adapter_dim}")
-        if self.num_labels < 2:
-            raise ConvertError(f"num_labels must be >= 2, got {self.num_labels}")
         if self.label_names and len(self.label_names) != self.num_labels:
             raise ConvertError(f"{len(self.label_names)} label names for num_labels={self.num_labels}")
-        if self.eps <= 0:
-            raise ConvertError(f"eps must be > 0, got {self.eps}")
-        if self.max_length < 2:
-            raise ConvertError(f"max_length must be >= 2, got {self.max_length}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "CodaConfig":
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConvertError(f"unknown CoDA config keys {sorted(unknown)}")
-        return cls(**data)
 
 
 class ParallelAdapter(nn.Module):

@@ -7,9 +7,8 @@ A run folder holds the inference model (``model.safetensors``, ``coda.json``, to
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,37 +19,28 @@ from condcomp.convert.coda import CodaClassifier
 from condcomp.convert.saved import save_converted
 from condcomp.data.labelled import LabelledText
 from condcomp.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from condcomp.train.trainer import TrainingError, autocast
+from condcomp.settings import Settings, setting
+from condcomp.train.metrics_log import MetricsLog
+from condcomp.train.optim import autocast, build_optimizer, warmup_linear
+from condcomp.train.trainer import TrainingError
 
 
 @dataclass
-class ClassifyConfig:
+class ClassifyConfig(Settings):
     """steps x batch_size examples are seen (the same budget for every method); lr peaks after
     warmup (a fraction of steps) and decays linearly to 0. precision: "fp32" or "bf16" (autocast)."""
 
-    steps: int = 300
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: float = 0.1
-    precision: str = "bf16"
-    seed: int = 0
-    eval_batch_size: int = 32
-    checkpoint_every: int = 100
-    log_every: int = 10
-    distill_steps: int = 0
-
-    def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
-            raise TrainingError("steps, batch_size and eval_batch_size must be >= 1")
-        if self.lr <= 0:
-            raise TrainingError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup < 1:
-            raise TrainingError(f"warmup is a fraction of steps in [0, 1), got {self.warmup}")
-        if self.distill_steps < 0:
-            raise TrainingError(f"distill_steps must be >= 0, got {self.distill_steps}")
-        if self.precision not in ("fp32", "bf16"):
-            raise TrainingError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+    steps: int = setting(300, ge=1)
+    batch_size: int = setting(16, ge=1)
+    lr: float = setting(1e-3, gt=0.0)
+    weight_decay: float = setting(0.01, ge=0.0)
+    warmup: float = setting(0.1, ge=0.0, lt=1.0, help="a fraction of steps")
+    precision: str = setting("bf16", choices=("fp32", "bf16"))
+    seed: int = setting(0, ge=0)
+    eval_batch_size: int = setting(32, ge=1)
+    checkpoint_every: int = setting(100, ge=1)
+    log_every: int = setting(10, ge=1)
+    distill_steps: int = setting(0, ge=0, help="CoDA's distillation phase before the task (method coda only)")
 
 
 class Tokenized:
@@ -95,20 +85,8 @@ def evaluate_accuracy(model: CodaClassifier, data: Tokenized, *, batch_size: int
 def _lr_factor(step: int, cfg: ClassifyConfig) -> float:
     """Warmup then linear decay, restarted at the phase boundary (distillation, then the task)."""
     if step < cfg.distill_steps:
-        total = cfg.distill_steps
-    else:
-        step, total = step - cfg.distill_steps, cfg.steps
-    warm = max(1, math.ceil(cfg.warmup * total))
-    if step < warm:
-        return (step + 1) / warm
-    return max(0.0, (total - step) / max(1, total - warm))
-
-
-def _optimizer(model: CodaClassifier, cfg: ClassifyConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        return warmup_linear(step, warmup_fraction=cfg.warmup, total=cfg.distill_steps)
+    return warmup_linear(step - cfg.distill_steps, warmup_fraction=cfg.warmup, total=cfg.steps)
 
 
 def train_classifier(model: CodaClassifier, train: Tokenized, val: Tokenized, cfg: ClassifyConfig, out: str | Path,
@@ -117,7 +95,7 @@ def train_classifier(model: CodaClassifier, train: Tokenized, val: Tokenized, cf
     save the inference model to ``out`` and return the result (also written to out/result.json)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    opt = _optimizer(model, cfg)
+    opt = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, seconds = 0, 0.0
     generator = torch.Generator().manual_seed(cfg.seed)
     checkpoints = list_checkpoints(out) if resume else []
@@ -126,51 +104,51 @@ def train_classifier(model: CodaClassifier, train: Tokenized, val: Tokenized, cf
         opt.load_state_dict(state["optimizer"])
         step, seconds = int(state["step"]), float(state["seconds"])
         generator.set_state(state["generator"])
-    meta = {"coda": model.config.to_dict(), "train": asdict(cfg)}
+    log = MetricsLog(out / "metrics.jsonl")
+    log.truncate_after(step)  # lines after the checkpoint will be written again
+    meta = {"coda": model.config.to_dict(), "train": cfg.to_dict()}
     model.train()
     if cfg.distill_steps and model.config.method != "coda":
         raise TrainingError("distill_steps applies to method 'coda' only (the others start as the pretrained model)")
     total = cfg.distill_steps + cfg.steps
     bar = tqdm(total=total, initial=step, disable=not progress, desc=f"{model.config.method}", unit="step")
-    with open(out / "metrics.jsonl", "a") as log:
-        while step < total:
-            distilling = step < cfg.distill_steps
-            rows = torch.randint(len(train), (cfg.batch_size,), generator=generator).tolist()
-            ids, mask, labels = train.batch(rows)
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * _lr_factor(step, cfg)
-            started = time.perf_counter()
-            with autocast(cfg.precision):
-                if distilling:
-                    loss, metrics = model.distillation_loss(ids, mask), {}
-                else:
-                    logits, metrics = model.classify(ids, mask)
-                    loss = F.cross_entropy(logits.float(), labels)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss is {loss.item()} at step {step}; lower --lr (now {cfg.lr}) "
-                                    f"or resume from the last checkpoint in {out / 'checkpoints'}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            seconds += time.perf_counter() - started
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total:
-                record = {"step": step, "phase": "distill" if distilling else "task", "loss": loss.item(),
-                          "seconds": round(seconds, 2)}
-                record.update({k: round(float(v), 4) for k, v in metrics.items() if k.endswith("mean_weight")})
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            if step % cfg.checkpoint_every == 0 and step < total:
-                save_checkpoint(out, step, model, {"optimizer": opt.state_dict(), "step": step, "seconds": seconds,
-                                                   "generator": generator.get_state()}, meta)
+    while step < total:
+        distilling = step < cfg.distill_steps
+        rows = torch.randint(len(train), (cfg.batch_size,), generator=generator).tolist()
+        ids, mask, labels = train.batch(rows)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, cfg)
+        started = time.perf_counter()
+        with autocast(cfg.precision):
+            if distilling:
+                loss, metrics = model.distillation_loss(ids, mask), {}
+            else:
+                logits, metrics = model.classify(ids, mask)
+                loss = F.cross_entropy(logits.float(), labels)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss is {loss.item()} at step {step}; lower --lr (now {cfg.lr}) "
+                                f"or resume from the last checkpoint in {out / 'checkpoints'}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seconds += time.perf_counter() - started
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            record = {"step": step, "phase": "distill" if distilling else "task", "loss": loss.item(),
+                      "seconds": round(seconds, 2)}
+            record.update({k: round(float(v), 4) for k, v in metrics.items() if k.endswith("mean_weight")})
+            log.append(record)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg.checkpoint_every == 0 and step < total:
+            save_checkpoint(out, step, model, {"optimizer": opt.state_dict(), "step": step, "seconds": seconds,
+                                               "generator": generator.get_state()}, meta)
     bar.close()
     val_acc = evaluate_accuracy(model, val, batch_size=cfg.eval_batch_size, precision=cfg.precision)
     result = {"method": model.config.method, "reduction": model.config.reduction, "steps": cfg.steps,
               "distill_steps": cfg.distill_steps,
               "train_seconds": round(seconds, 1), "val_accuracy": val_acc,
               "trainable_parameters": model.trainable_parameters(), "val": val.description}
-    save_converted(model, out, tokenizer=tokenizer, extra={"result": result, "train": asdict(cfg)})
+    save_converted(model, out, tokenizer=tokenizer, extra={"result": result, "train": cfg.to_dict()})
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result

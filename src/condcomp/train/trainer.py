@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ from condcomp.distributed import (DistributedError, Runtime, clip_grad_norm, ful
 from condcomp.layers.traits import aux_loss_names, selects_tokens
 from condcomp.models import Transformer
 from condcomp.train import checkpoint as ckpt
+from condcomp.train.metrics_log import MetricsLog
+from condcomp.train.optim import autocast, build_optimizer, warmup_cosine
 
 LN2 = math.log(2.0)
 
@@ -41,27 +42,8 @@ class TrainingError(RuntimeError):
     """Training cannot go on (diverged, misconfigured run folder, ...); the message says what to do."""
 
 
-def autocast(precision: str, device_type: str = "cpu"):
-    if precision == "bf16":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float, budget_progress: float = 0.0) -> float:
-    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` steps — or earlier, when
-    ``budget_progress`` (fraction of a FLOPs or time budget spent) is further along."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, max((step - warmup) / max(1, total - warmup), budget_progress))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW; matrices decay, vectors (norm gains, biases) do not."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+# The schedule under its historical name (benchmarks and tests import it from here).
+lr_factor = warmup_cosine
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -165,13 +147,15 @@ class Trainer:
         self.train_seconds = 0.0
         self.last_step_flops = 0.0
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics = MetricsLog(self.metrics_path)
         # Weights are loaded whole, then split across ranks; optimizer state follows the split.
         state = self._prepare_run_dir(resume)
         self.train_model = self._distribute()
-        self.optimizer = build_optimizer(self.model, tc)
+        self.optimizer = build_optimizer(self.model, lr=tc.lr, weight_decay=tc.weight_decay,
+                                         betas=(tc.beta1, tc.beta2))
         warmup, total, floor = tc.warmup_steps, tc.steps, tc.min_lr_ratio  # bound now, not read live
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, warmup=warmup, total=total, min_ratio=floor,
+            self.optimizer, lambda s: warmup_cosine(s, warmup=warmup, total=total, min_ratio=floor,
                                                 budget_progress=self.budget_progress()))
         if state is not None:
             optimizer_state = state["optimizer"]
@@ -240,7 +224,7 @@ class Trainer:
                     "pass --resume to continue it, or choose another run_dir (nothing was overwritten)")
             if self.rt.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                self.metrics_path.write_text("")
+                self.metrics.reset()
                 (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
             self.rt.barrier()
             return None
@@ -263,24 +247,9 @@ class Trainer:
         self.last_step_flops = float(state["last_step_flops"])
         if self.rt.is_main:
             print(f"resuming {self.run_dir} from step {self.step} on {self.rt.world_size} rank(s)")
-            self._truncate_metrics(self.step)
+            self.metrics.truncate_after(self.step)  # those lines will be written again
         self.rt.barrier()
         return state
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop log lines written after the checkpoint we resume from: they will be written again."""
-        if not self.metrics_path.is_file():
-            return
-        kept = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                break  # a line cut by a crash: nothing after it is trustworthy
-        tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(l + "\n" for l in kept))
-        os.replace(tmp, self.metrics_path)
 
     def save(self) -> Path:
         """Write a whole checkpoint (rank 0, after gathering expert shards; every rank calls this)."""
@@ -310,8 +279,7 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if not self.rt.is_main:
             return
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self.metrics.append(record)
 
     def aux_loss(self, aux_losses: dict[str, torch.Tensor]) -> torch.Tensor | float:
         weights = self.cfg.train.aux_loss_weights

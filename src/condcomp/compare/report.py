@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from condcomp.bench.compare import Grid, VariantResult
+from condcomp.compare.grid import Grid
+from condcomp.compare.runner import VariantResult
 
 COLUMNS = [("variant", "variant"), ("val bits/byte", "val_bpb"), ("params", "total_params"),
            ("active params", "active_params"), ("train FLOPs", "train_flops"), ("train tok/s", "train_tokens_per_s"),
@@ -121,7 +122,7 @@ def plot_loads(results: list[VariantResult], out: Path) -> dict[str, Path]:
 def shaded_text(run_dir: Path, n_bytes: int = 700) -> tuple[str, float, bool]:
     """HTML of a stretch of validation text, each byte shaded by the conditional computations it
     received in the final model (inference mode). Returns (html, max units, conditional?)."""
-    from condcomp.bench.compute_map import compute_per_token, trace_routing
+    from condcomp.compare.compute_map import compute_per_token, trace_routing
     from condcomp.data import load_corpus
     from condcomp.train.trainer import load_model
 

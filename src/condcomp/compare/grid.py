@@ -1,0 +1,93 @@
+"""A comparison grid: variants of one base config, trained under one budget.
+
+A grid file (YAML):
+
+    name: demo
+    budget: {flops: 1.5e13}          # equal training FLOPs as counted by the trainer, or {seconds: 60}
+    base: {model: {...}, train: {...}}   # a RunConfig mapping, or a path to a config file
+    common: [train.seed=0, train.eval_batches=16]   # applied to every variant last (same data, seed, eval)
+    variants:
+      dense: {}                                  # the base as is
+      moe-top1: {set: [model.ffn=moe, model.moe.k=1]}
+      mod: {config: ../mod.yaml, set: [...]}     # a whole config file instead of the base
+
+Every variant's config is built and validated when the grid loads, before anything trains.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from condcomp.config import ConfigError, RunConfig, from_dict
+from condcomp.settings import apply_override
+
+
+@dataclass
+class Grid:
+    name: str
+    budget_kind: str  # "flops" | "seconds"
+    budget: float
+    variants: dict[str, RunConfig]
+    source: str = ""
+
+
+def _load_mapping(value, where: Path, what: str) -> dict:
+    if isinstance(value, str):
+        path = (where / value) if not Path(value).is_absolute() else Path(value)
+        if not path.is_file():
+            raise ConfigError(f"{what}: config file not found: {path}")
+        return yaml.safe_load(path.read_text()) or {}
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what}: expected a mapping or a config path, got {type(value).__name__}")
+    return json.loads(json.dumps(value))  # deep copy
+
+
+def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
+    """Read and validate a grid; every variant's config is built (and checked) here, before training."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"grid file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = set(raw) - {"name", "budget", "base", "common", "variants"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown grid keys {sorted(unknown)}; valid: name, budget, base, common, variants")
+    budget = raw.get("budget") or {}
+    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("flops", "seconds"):
+        raise ConfigError(f"{path}: budget must be {{flops: N}} (equal training FLOPs) or {{seconds: N}} "
+                          f"(equal wall clock), got {budget!r}")
+    kind, amount = next(iter(budget.items()))
+    try:
+        amount = float(amount)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: budget.{kind} must be a number, got {amount!r}") from None
+    if amount <= 0:
+        raise ConfigError(f"{path}: budget.{kind} must be > 0")
+    variants_raw = raw.get("variants") or {}
+    if not variants_raw:
+        raise ConfigError(f"{path}: the grid has no variants")
+    common = list(raw.get("common") or []) + list(overrides or [])
+    variants = {}
+    for name, spec in variants_raw.items():
+        spec = spec or {}
+        if not isinstance(spec, dict) or set(spec) - {"config", "set"}:
+            raise ConfigError(f"variants.{name}: expected {{config: PATH, set: [key=value, ...]}} (both optional)")
+        cfg = _load_mapping(spec["config"] if "config" in spec else raw.get("base"), path.parent, f"variants.{name}")
+        for assignment in list(spec.get("set") or []) + common:
+            apply_override(cfg, assignment)
+        cfg.setdefault("train", {})
+        cfg["train"].pop("max_flops", None)
+        cfg["train"].pop("max_seconds", None)
+        cfg["train"]["max_flops" if kind == "flops" else "max_seconds"] = amount
+        cfg["train"]["steps"] = 10_000_000  # the budget decides when to stop (and drives the LR schedule)
+        try:
+            variants[name] = from_dict(RunConfig, cfg)
+        except ConfigError as e:
+            raise ConfigError(f"variants.{name}: {e}") from None
+    return Grid(name=str(raw.get("name") or path.stem), budget_kind=kind, budget=amount, variants=variants,
+                source=path.read_text())

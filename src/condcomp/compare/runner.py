@@ -1,0 +1,163 @@
+"""``condcomp compare``: train every variant of a grid under one budget, then measure it.
+
+Each variant trains in its own child process (so its peak memory is its own), started through a
+Python entry point (``train_variant``) with the variant's validated config, under
+``<out>/variants/<name>``; ``result.json`` marks it finished, so an interrupted grid resumes where it
+stopped and never retrains a finished variant (an unfinished one resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from condcomp.compare.grid import Grid
+from condcomp.config import RunConfig, config_from_saved
+from condcomp.train.metrics_log import MetricsLog
+from condcomp.train.trainer import TrainingError
+
+
+@dataclass
+class VariantResult:
+    """One variant's numbers, all read from its own run (metrics.jsonl) or measured on its checkpoint."""
+
+    name: str
+    val_bpb: float
+    total_params: int
+    active_params: int
+    train_flops: float
+    train_seconds: float
+    steps: int
+    train_tokens_per_s: float
+    infer_tokens_per_s: float
+    peak_rss_mib: float
+    curve: list[dict] = field(default_factory=list)  # eval records: step, val_bpb, total_flops, train_seconds
+    loads: dict[str, list[int]] = field(default_factory=dict)  # router name -> tokens per group
+
+
+def train_variant(config: dict) -> None:
+    """Child-process entry point: train one variant from its config mapping (``RunConfig.to_dict()``),
+    resuming from its newest checkpoint if it has one. A user's mistake ends the process with exit code
+    2 and a one-line message (no traceback); the parent reports which variant failed."""
+    from condcomp.errors import user_errors
+    from condcomp.train import Trainer
+
+    try:
+        Trainer(config_from_saved(config), resume=True).train()
+    except user_errors() as e:
+        print(f"condcomp compare: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _variant_process(config: dict, peak_rss) -> None:
+    train_variant(config)
+    peak_rss.value = _peak_rss_mib()
+
+
+def train_in_child(cfg: RunConfig, name: str) -> float:
+    """Train ``cfg`` in a fresh (spawned) process; returns that process's peak RSS in MiB."""
+    ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no torch threads or state inherited
+    peak = ctx.Value("d", 0.0)
+    proc = ctx.Process(target=_variant_process, args=(cfg.to_dict(), peak), name=f"condcomp-{name}")
+    proc.start()
+    try:
+        proc.join()
+    except KeyboardInterrupt:
+        proc.terminate()  # the child got the Ctrl-C too; make sure it is gone before we leave
+        proc.join()
+        raise
+    if proc.exitcode != 0:
+        raise TrainingError(f"training variant {name} failed (exit {proc.exitcode}); fix the error above and run "
+                            f"the same compare command again to resume")
+    return peak.value
+
+
+def measure_variant(name: str, run_dir: Path, peak_rss_mib: float, *, infer_time: float = 1.0) -> VariantResult:
+    """Numbers of one finished run: read from its metrics.jsonl, measured on its final checkpoint."""
+    from condcomp.bench.measure import inference_tokens_per_s
+    from condcomp.compare.compute_map import active_parameters, trace_routing
+    from condcomp.data import eval_batches, load_corpus
+    from condcomp.train.trainer import load_model
+
+    records = MetricsLog(run_dir / "metrics.jsonl").read()
+    evals = [r for r in records if "val_bpb" in r]
+    if not evals:
+        raise RuntimeError(f"{run_dir}: no validation record in metrics.jsonl; the run did not finish")
+    last = evals[-1]
+    model, cfg = load_model(run_dir)
+    corpus = load_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
+                         cache_dir=cfg.data.cache_dir)
+    x, _ = next(iter(eval_batches(corpus.val, batch_size=4, seq_len=cfg.model.seq_len, max_batches=1)))
+    traces = trace_routing(model, x)
+    return VariantResult(
+        name=name,
+        val_bpb=float(last["val_bpb"]),
+        total_params=model.num_parameters(),
+        active_params=active_parameters(model, traces),
+        train_flops=float(last["total_flops"]),
+        train_seconds=float(last["train_seconds"]),
+        steps=int(last["step"]),
+        train_tokens_per_s=float(last["tokens"]) / max(float(last["train_seconds"]), 1e-9),
+        infer_tokens_per_s=inference_tokens_per_s(model, corpus.val, cfg.train.precision, min_time=infer_time),
+        peak_rss_mib=peak_rss_mib,
+        curve=[{k: r[k] for k in ("step", "val_bpb", "total_flops", "train_seconds")} for r in evals],
+        loads={tr.name: tr.group_sizes.tolist() for tr in traces},
+    )
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def run_grid(grid: Grid, out_dir: str | Path, *, stop_after: int | None = None, infer_time: float = 1.0,
+             log=print) -> list[VariantResult]:
+    """Train and measure every variant not finished yet; return all results in grid order.
+
+    stop_after: stop after training this many variants in this call (to test interruption).
+    """
+    out = Path(out_dir)
+    (out / "variants").mkdir(parents=True, exist_ok=True)
+    (out / "grid.yaml").write_text(grid.source)
+    results, trained, started = [], 0, time.perf_counter()
+    names = list(grid.variants)
+    for i, name in enumerate(names, 1):
+        vdir = out / "variants" / name
+        done = vdir / "result.json"
+        if done.is_file():
+            log(f"[{i}/{len(names)}] {name}: finished earlier, not retrained")
+            results.append(VariantResult(**json.loads(done.read_text())))
+            continue
+        if stop_after is not None and trained >= stop_after:
+            break
+        cfg = grid.variants[name]
+        cfg.run_dir = str(vdir)
+        vdir.mkdir(parents=True, exist_ok=True)
+        config_path = vdir / "variant.yaml"
+        config_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if trained:
+            per = (time.perf_counter() - started) / trained
+            remaining = sum(1 for n in names[i - 1 :] if not (out / "variants" / n / "result.json").is_file())
+            eta = f", grid ETA ~{per * remaining / 60:.1f} min"
+        else:
+            eta = ""
+        log(f"[{i}/{len(names)}] {name}: training to {grid.budget:.3g} {grid.budget_kind}{eta}")
+        rss = train_in_child(cfg, name)
+        result = measure_variant(name, vdir, rss, infer_time=infer_time)
+        _write_json_atomic(done, asdict(result))
+        results.append(result)
+        trained += 1
+    return results
