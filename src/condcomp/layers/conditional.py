@@ -13,7 +13,7 @@ from condcomp.layers.feedforward import FeedForward
 from condcomp.layers.info import LayerInfo
 from condcomp.layers.local_attention import LocalAttention
 from condcomp.layers.rotary import Rotary
-from condcomp.layers.traits import RoutedParameters, count_parameters
+from condcomp.layers.traits import RoutedParameters, RouterTraits, count_parameters
 from condcomp.routing import Router, RoutingError, TokenSelectRouter
 
 
@@ -32,7 +32,7 @@ def _check_router(router: Router, d_model: int, what: str) -> Router:
     return router
 
 
-class ConditionalFeedForward(nn.Module):
+class ConditionalFeedForward(RouterTraits, nn.Module):
     """y_i = FF_light(x_i) + w_i * FF_heavy(x_i), the heavy FFN run only on the routed tokens.
 
         cff = ConditionalFeedForward(d_model=512, light_d_ff=1024, heavy_d_ff=8192, capacity=1/8)
@@ -57,18 +57,6 @@ class ConditionalFeedForward(nn.Module):
         self.heavy = FeedForward(d_model=d_model, d_ff=heavy_d_ff, activation=activation, dropout=dropout)
 
     selects_tokens = True  # the heavy FFN may get no token in a step
-
-    @property
-    def causal(self) -> bool:
-        return self.router.causal
-
-    @property
-    def causal_in_training(self) -> bool:
-        return self.router.causal_in_training
-
-    @property
-    def aux_loss_names(self) -> tuple[str, ...]:
-        return self.router.aux_loss_names
 
     def routed_parameters(self) -> dict[str, RoutedParameters]:
         return {"router": RoutedParameters(count_parameters(self.heavy))}

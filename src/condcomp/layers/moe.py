@@ -10,11 +10,11 @@ from condcomp.dispatch.expert_parallel import ExpertPlacement, dispatch_expert_p
 from condcomp.layers.experts import Experts
 from condcomp.layers.feedforward import FeedForward
 from condcomp.layers.info import LayerInfo
-from condcomp.layers.traits import RoutedParameters, count_parameters
+from condcomp.layers.traits import RoutedParameters, RouterTraits, count_parameters
 from condcomp.routing import Router, RoutingError, TopKRouter
 
 
-class MoE(nn.Module):
+class MoE(RouterTraits, nn.Module):
     """y = sum over the experts routed to each token of weight * expert(x) (+ shared expert(x)).
 
         moe = MoE(d_model=512, d_ff=2048, num_experts=8,
@@ -54,18 +54,6 @@ class MoE(nn.Module):
                        if shared_expert_d_ff else None)
 
     selects_tokens = False  # every expert runs each step (possibly on no tokens), so all get gradients
-
-    @property
-    def causal(self) -> bool:
-        return self.router.causal
-
-    @property
-    def causal_in_training(self) -> bool:
-        return self.router.causal_in_training
-
-    @property
-    def aux_loss_names(self) -> tuple[str, ...]:
-        return self.router.aux_loss_names
 
     def routed_parameters(self) -> dict[str, RoutedParameters]:
         return {"router": RoutedParameters(count_parameters(self.experts), groups=self.router.num_experts)}

@@ -73,3 +73,19 @@ def aux_loss_names(model: nn.Module) -> set[str]:
     for m in model.modules():
         names.update(getattr(m, "aux_loss_names", ()))
     return names
+
+
+class RouterTraits:
+    """Mixin for a layer with one router in ``self.router``: its causality and aux losses are the router's."""
+
+    @property
+    def causal(self) -> bool:
+        return self.router.causal
+
+    @property
+    def causal_in_training(self) -> bool:
+        return self.router.causal_in_training
+
+    @property
+    def aux_loss_names(self) -> tuple[str, ...]:
+        return self.router.aux_loss_names
