@@ -29,9 +29,9 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     except BaseException:
         (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        shutdown(wait_for_peers=False)
         raise
-    finally:
-        shutdown()
+    shutdown()
 
 
 def run_ranks(fn, world: int, out_dir: Path, *args) -> list:

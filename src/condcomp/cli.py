@@ -22,11 +22,13 @@ def _train(args) -> int:
     cfg = load_config(args.config, overrides)
     from condcomp.distributed import shutdown
 
+    finished = False
     try:
         trainer = Trainer(cfg, resume=args.resume or False)
         result = trainer.train()
+        finished = True
     finally:
-        shutdown()  # a torchrun job: leave the process group cleanly, whatever happened
+        shutdown(wait_for_peers=finished)  # a torchrun job: leave the process group, whatever happened
     if trainer.rt.is_main:
         val = "n/a" if result.val_bpb is None else f"{result.val_bpb:.4f}"
         print(f"finished step {result.step}: val {val} bits/byte; run folder {result.run_dir}")

@@ -136,6 +136,14 @@ def init_distributed(*, expert_parallel: int = 1, timeout_s: float | None = None
     return rt
 
 
-def shutdown() -> None:
+def shutdown(*, wait_for_peers: bool = True) -> None:
+    """Leave the process group. After a normal run (``wait_for_peers``) first wait until every rank
+    got here: a rank that tears down its transport while a peer is still finishing its last send
+    makes that peer abort at exit (gloo). After an error, leave at once (a peer may be gone)."""
     if dist.is_initialized():
+        if wait_for_peers:
+            try:
+                dist.barrier()
+            except RuntimeError:
+                pass  # a peer is gone after all: nothing left to wait for
         dist.destroy_process_group()
