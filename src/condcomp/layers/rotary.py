@@ -1,7 +1,39 @@
-"""Rotary position embeddings (Su et al., 2021), the half-split ("GPT-NeoX") layout."""
+"""Rotary position embeddings (Su et al., 2021), the half-split ("GPT-NeoX", Llama) layout.
+
+The tables are computed the way the Llama family computes them (inverse frequencies and angles in
+float32), so a model brought in from Hugging Face gets bit-identical cos/sin values; ``llama3``
+scaling (Llama 3.1) stretches the low frequencies for long contexts.
+"""
+
+from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
+
+SCALINGS = ("none", "llama3")
+
+
+def inverse_frequencies(head_dim: int, base: float, *, scaling: str = "none", factor: float = 8.0,
+                        low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                        original_max_len: int = 8192) -> torch.Tensor:
+    """[head_dim / 2] float32 inverse frequencies base^(-2i/d), with optional llama3 scaling."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling == "none":
+        return inv_freq
+    if scaling != "llama3":
+        raise ValueError(f"rope scaling must be one of {SCALINGS}, got {scaling!r}")
+    # Llama 3.1: wavelengths longer than the original context / low_freq_factor are divided by factor,
+    # shorter than context / high_freq_factor kept, and those between interpolated smoothly.
+    low_wavelen = original_max_len / low_freq_factor
+    high_wavelen = original_max_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 class Rotary(nn.Module):
@@ -12,15 +44,15 @@ class Rotary(nn.Module):
     longer sequence keep their original positions).
     """
 
-    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0, **scaling):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary positions, got {head_dim}")
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # [max_len, hd/2]
+        inv_freq = inverse_frequencies(head_dim, base, **scaling)
+        angles = torch.arange(max_len, dtype=torch.int64).float()[:, None] * inv_freq  # [max_len, hd/2] fp32
         # Not persistent: derived from the config, so checkpoints stay weights-only.
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
         self.max_len = max_len
 
     def apply(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
