@@ -26,6 +26,29 @@ def _technique_names(kind: str):
     return lambda: registry.names(kind)
 
 
+@dataclass
+class RopeScaling(Settings):
+    """Rotary frequency scaling for long contexts (``model.rope_scaling``); Llama 3.1 uses llama3."""
+
+    type: str = setting("none", choices=("none", "llama3"))
+    factor: float = setting(8.0, gt=0.0)
+    low_freq_factor: float = setting(1.0, gt=0.0)
+    high_freq_factor: float = setting(4.0, gt=0.0)
+    original_max_len: int = setting(8192, ge=1, help="the context length the model was pretrained with")
+
+    def check(self) -> None:
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(f"high_freq_factor: must exceed low_freq_factor={self.low_freq_factor}, "
+                              f"got {self.high_freq_factor}")
+
+    def rotary_kwargs(self) -> dict:
+        """Keyword arguments of ``condcomp.layers.Rotary``."""
+        if self.type == "none":
+            return {}
+        return {"scaling": self.type, "factor": self.factor, "low_freq_factor": self.low_freq_factor,
+                "high_freq_factor": self.high_freq_factor, "original_max_len": self.original_max_len}
+
+
 @dataclass(init=False)
 class ModelConfig(Settings):
     """Decoder LM shape and the technique used for each part of a block.
@@ -40,6 +63,8 @@ class ModelConfig(Settings):
     d_model: int = setting(256, ge=8)
     n_layers: int = setting(4, ge=1)
     n_heads: int = setting(4, ge=1)
+    n_kv_heads: int | None = setting(None, ge=1, help="key/value heads; default n_heads (fewer: grouped-query attention)")
+    head_dim: int | None = setting(None, ge=2, help="per-head width; default d_model / n_heads")
     d_ff: int | None = setting(None, ge=1, help="FFN hidden size; default 4*d_model (gelu) or 8/3*d_model rounded to 64 (swiglu)")
     seq_len: int = setting(256, ge=2)
     block: str = setting("transformer", choices=_technique_names("block"))
@@ -49,6 +74,12 @@ class ModelConfig(Settings):
     norm_eps: float = setting(1e-5, gt=0.0)
     rope_base: float = setting(10000.0, gt=1.0)
     init_std: float = setting(0.02, gt=0.0)
+    tie_embeddings: bool = setting(True, help="the output projection shares the input embedding's weights")
+    qkv_bias: bool = setting(False, help="biases on the q/k/v projections (Qwen2)")
+    out_bias: bool = setting(False, help="bias on the attention output projection")
+    rope_scaling: RopeScaling = setting(default_factory=RopeScaling)
+    init: str | None = setting(None, help="start from pretrained weights: a Hugging Face model folder, a packaged "
+                                          "name (smollm2) or a condcomp run/checkpoint folder")
     sections: dict[str, Any] = field(default_factory=dict)
 
     def __init__(self, **values: Any) -> None:
@@ -96,12 +127,25 @@ class ModelConfig(Settings):
                 raise ConfigError(f"{tech.kind}: {tech.name} with these settings lets a token see later tokens, and "
                                   f"a decoder would learn to cheat; choose its causal scheme (condcomp techniques "
                                   f"lists the settings)")
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"d_model: {self.d_model} is not divisible by n_heads={self.n_heads}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ConfigError(
-                f"n_heads: head size d_model/n_heads = {self.d_model // self.n_heads} must be even for rotary positions"
-            )
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(f"d_model: {self.d_model} is not divisible by n_heads={self.n_heads} (or set head_dim)")
+        if self.attention_head_dim % 2:
+            raise ConfigError(f"n_heads: head size {self.attention_head_dim} (head_dim, default d_model/n_heads) "
+                              "must be even for rotary positions")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_kv_heads: {self.n_kv_heads} must divide n_heads={self.n_heads}")
+
+    @property
+    def attention_head_dim(self) -> int:
+        """head_dim, or d_model / n_heads."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def uses_llama_attention_features(self) -> bool:
+        """Whether the attention needs more than plain multi-head attention: grouped-query heads, a
+        head size of its own, or biases (only ``attention: causal`` has them)."""
+        return (self.n_kv_heads not in (None, self.n_heads) or self.head_dim not in (None, self.d_model // self.n_heads)
+                or self.qkv_bias or self.out_bias)
 
     @property
     def ffn_hidden(self) -> int:

@@ -1,4 +1,5 @@
-"""Multi-head self-attention with rotary positions on PyTorch's fused SDPA kernel."""
+"""Multi-head self-attention with rotary positions on PyTorch's fused SDPA kernel; grouped-query
+attention (fewer key/value heads than query heads) as in Llama 2/3, Mistral and Qwen2."""
 
 from __future__ import annotations
 
@@ -16,22 +17,49 @@ class Attention(nn.Module):
 
     causal=True masks the future (decoder); causal=False attends everywhere (encoder).
     padding_mask (optional): [batch, seq] bool, True = real token; padded keys are never attended.
+
+    Args:
+        d_model, n_heads: width and query heads.
+        n_kv_heads: key/value heads (default n_heads; fewer = grouped-query attention, must divide n_heads).
+        head_dim: per-head width (default d_model / n_heads).
+        qkv_bias, out_bias: biases on the q/k/v projections (Qwen2) and on the output projection.
+        rope: extra keyword arguments of ``Rotary`` (llama3 scaling).
+    Parameters: ``qkv`` [(n_heads + 2 n_kv_heads) head_dim, d_model] (q, then k, then v), ``out``.
     """
 
+    supports_cache = True
+
     def __init__(self, *, d_model: int, n_heads: int, max_len: int, causal: bool = True,
-                 rope_base: float = 10000.0, dropout: float = 0.0):
+                 rope_base: float = 10000.0, dropout: float = 0.0, n_kv_heads: int | None = None,
+                 head_dim: int | None = None, qkv_bias: bool = False, out_bias: bool = False,
+                 rope: dict | None = None):
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
-        self.n_heads = n_heads
-        self.head_dim = d_model // n_heads
+        n_kv_heads = n_kv_heads or n_heads
+        if head_dim is None:
+            if d_model % n_heads:
+                raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads} (or pass head_dim)")
+            head_dim = d_model // n_heads
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.causal = causal
         self.dropout = dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model, bias=False)
-        self.rotary = Rotary(self.head_dim, max_len, rope_base)
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
+        self.out = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
+        self.rotary = Rotary(head_dim, max_len, rope_base, **(rope or {}))
 
-    supports_cache = True
+    def _project(self, x: torch.Tensor):
+        """x [b, t, d] -> q [b, h, t, hd], k and v [b, kv_heads, t, hd]."""
+        b, t, _ = x.shape
+        h, kv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([h * hd, kv * hd, kv * hd], dim=-1)
+        return (q.view(b, t, h, hd).transpose(1, 2), k.view(b, t, kv, hd).transpose(1, 2),
+                v.view(b, t, kv, hd).transpose(1, 2))
+
+    def _attend(self, q, k, v, mask, is_causal: bool = False) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal,
+                                              dropout_p=self.dropout if self.training else 0.0,
+                                              enable_gqa=self.n_kv_heads != self.n_heads)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: KVCache | None = None) -> tuple[torch.Tensor, LayerInfo]:
@@ -39,8 +67,8 @@ class Attention(nn.Module):
         continuing the cache); with positions, causality follows them (a query sees keys at
         positions <= its own). cache: appends this call's real tokens' keys/values and attends over
         everything cached (incremental decoding)."""
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        b, t, _ = x.shape
+        q, k, v = self._project(x)
         if positions is None and cache is None:
             return self._contiguous(q, k, v, padding_mask), LayerInfo()
         if positions is None:
@@ -55,9 +83,8 @@ class Attention(nn.Module):
             mask = mask & (k_pos[:, None, :] <= positions[:, :, None])
         # Padded queries attend everywhere: their rows are discarded, and a fully masked row would be NaN.
         mask = mask | ~valid[:, :, None]
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None],
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(b, t, d)), LayerInfo()
+        y = self._attend(q, k, v, mask[:, None])
+        return self.out(y.transpose(1, 2).reshape(b, t, -1)), LayerInfo()
 
     def _contiguous(self, q, k, v, padding_mask):
         b, _, t, _ = q.shape
@@ -68,10 +95,5 @@ class Attention(nn.Module):
             if self.causal:
                 mask = mask & torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
             mask = mask | ~padding_mask[:, None, :, None]  # padded queries: see note in forward
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            is_causal=self.causal and mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        y = self._attend(q, k, v, mask, is_causal=self.causal and mask is None)
         return self.out(y.transpose(1, 2).reshape(b, t, -1))

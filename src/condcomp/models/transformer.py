@@ -61,7 +61,8 @@ class Transformer(nn.Module):
         )
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.embed.weight  # tied
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
         self._refuse_look_ahead()
         self.reset_parameters()
 

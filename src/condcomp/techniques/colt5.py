@@ -12,7 +12,7 @@ from torch import nn
 
 from condcomp import registry
 from condcomp.layers.conditional import ConditionalAttention, ConditionalFeedForward, colt5_router
-from condcomp.settings import Settings, setting
+from condcomp.settings import ConfigError, Settings, setting
 
 
 @dataclass
@@ -40,9 +40,15 @@ def build_ffn(*, model, settings: ConditionalSettings, layer_idx: int) -> nn.Mod
         dropout=model.dropout)
 
 
+def _validate_attention(model) -> None:
+    if model.uses_llama_attention_features or model.rope_scaling.type != "none":
+        raise ConfigError("attention: conditional has plain multi-head attention only; leave n_kv_heads, head_dim, "
+                          "qkv_bias, out_bias and rope_scaling at their defaults")
+
+
 @registry.register("attention", "conditional", settings=ConditionalSettings, section="conditional",
                    summary="CoLT5 attention: local attention for all, full attention among routed queries and keys",
-                   aux_loss_weights={"router_bce": 0.1})
+                   aux_loss_weights={"router_bce": 0.1}, validate=_validate_attention)
 def build_attention(*, model, settings: ConditionalSettings, layer_idx: int) -> nn.Module:
     q_router = colt5_router(d_model=model.d_model, capacity=settings.q_capacity, causal=True)
     kv_router = colt5_router(d_model=model.d_model, capacity=settings.kv_capacity, causal=True)

@@ -13,7 +13,9 @@ from condcomp.layers.feedforward import FeedForward
 @registry.register("attention", "causal", summary="multi-head self-attention, rotary positions, causal mask (SDPA)")
 def build_causal_attention(*, model, settings, layer_idx: int) -> nn.Module:
     return Attention(d_model=model.d_model, n_heads=model.n_heads, max_len=model.seq_len, causal=True,
-                     rope_base=model.rope_base, dropout=model.dropout)
+                     rope_base=model.rope_base, dropout=model.dropout, n_kv_heads=model.n_kv_heads,
+                     head_dim=model.head_dim, qkv_bias=model.qkv_bias, out_bias=model.out_bias,
+                     rope=model.rope_scaling.rotary_kwargs())
 
 
 @registry.register("ffn", "swiglu", activation="swiglu", summary="dense SwiGLU feed-forward (Shazeer, 2020)")
