@@ -8,18 +8,21 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from condcomp.config import ConfigError, load_config
+from condcomp.config import ConfigError
 
 
 def _train(args) -> int:
     from condcomp.train import Trainer
+    from condcomp.train.pretrained_init import load_run_config
 
     overrides = list(args.set or [])
     if args.data:
         overrides.append(f"data.source={args.data}")
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
-    cfg = load_config(args.config, overrides)
+    if args.init:
+        overrides.append(f"model.init={args.init}")
+    cfg = load_run_config(args.config, overrides)
     from condcomp.distributed import shutdown
 
     finished = False
@@ -36,16 +39,21 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from condcomp.data import load_corpus
-    from condcomp.train import evaluate, load_model
+    import math
+
+    from condcomp.train import load_model
+    from condcomp.train.pretrained_init import load_run_corpus
+    from condcomp.train.trainer import evaluate_split
 
     model, cfg = load_model(args.checkpoint)
-    source = args.data or cfg.data.source
-    corpus = load_corpus(source, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
-                         cache_dir=cfg.data.cache_dir)
-    bpb = evaluate(model, corpus.split(args.split), batch_size=cfg.train.batch_size, max_batches=args.batches,
-                   precision=cfg.train.precision)
-    print(f"{args.split} bits/byte: {bpb:.4f}  ({corpus.description})")
+    if args.data:
+        cfg.data.source = args.data
+    corpus, tokenizer = load_run_corpus(cfg)
+    result = evaluate_split(model, corpus.split(args.split), batch_size=cfg.train.batch_size,
+                            max_batches=args.batches, precision=cfg.train.precision,
+                            token_bytes=corpus.bytes_of(args.split))
+    extra = "" if tokenizer is None else f", token perplexity {math.exp(result['nll']):.2f}"
+    print(f"{args.split} bits/byte: {result['bpb']:.4f}{extra}  ({corpus.description})")
     return 0
 
 
@@ -54,14 +62,46 @@ def _sample(args) -> int:
 
     from condcomp.data import decode, encode
     from condcomp.train import load_model
+    from condcomp.train.pretrained_init import run_tokenizer
 
-    model, _ = load_model(args.checkpoint)
+    model, cfg = load_model(args.checkpoint)
+    _, tokenizer = run_tokenizer(cfg.data)
     g = torch.Generator().manual_seed(args.seed)
-    prompt = encode(args.prompt)[None, :]
+    if tokenizer is None:
+        prompt = encode(args.prompt)[None, :]
+    else:
+        prompt = torch.tensor(tokenizer(args.prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)[None, :]
     if prompt.shape[1] == 0:
         raise ConfigError("--prompt must not be empty")
     out = model.generate(prompt, args.length, temperature=args.temperature, top_k=args.top_k, generator=g)
-    print(decode(out[0].tolist()))
+    print(decode(out[0].tolist()) if tokenizer is None else tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def _convert_hf(args) -> int:
+    from condcomp.convert.hf import from_hf
+    from condcomp.train.pretrained_init import save_imported
+
+    model, tokenizer = from_hf(args.source, seq_len=args.seq_len)
+    path = save_imported(model, tokenizer, args.out, source=args.source)
+    print(f"imported {args.source}: {model.num_parameters() / 1e6:.1f}M parameters, {model.cfg.n_layers} layers; "
+          f"condcomp checkpoint in {path}\n"
+          f"  condcomp sample --checkpoint {args.out} --prompt 'def '\n"
+          f"  condcomp train --init {args.out} --set model.block=mod ...")
+    return 0
+
+
+def _export(args) -> int:
+    from condcomp.convert.hf import to_hf
+    from condcomp.train import load_model
+    from condcomp.train.pretrained_init import run_tokenizer
+
+    model, cfg = load_model(args.checkpoint)
+    _, tokenizer = run_tokenizer(cfg.data)
+    out = to_hf(model, tokenizer, args.out)
+    kind = "MixtralForCausalLM" if cfg.model.ffn == "moe" else "LlamaForCausalLM"
+    print(f"exported {args.checkpoint} as {kind} to {out}"
+          f"{'' if tokenizer is not None else ' (byte-level model: no tokenizer written)'}")
     return 0
 
 
@@ -110,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="where checkpoints and metrics go (default: the config's run_dir)")
     t.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
                    help="continue the run from its newest checkpoint, or from the checkpoint folder given")
+    t.add_argument("--init", metavar="MODEL", help="start from pretrained weights: a Hugging Face model folder, "
+                   "a packaged model (smollm2) or a condcomp run folder (same as --set model.init=MODEL)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="bits per byte of a checkpoint on a split")
@@ -139,6 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="output folder (default runs/demo-<time>)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every variant")
     d.set_defaults(func=_demo)
+
+    cv = sub.add_parser("convert", help="bring a pretrained model in")
+    cvsub = cv.add_subparsers(dest="convert_command", required=True)
+    ch = cvsub.add_parser("hf", help="a Hugging Face Llama-family decoder -> a condcomp checkpoint folder")
+    ch.add_argument("source", help="a Hugging Face model folder or a packaged model (smollm2)")
+    ch.add_argument("--out", required=True, help="the condcomp run folder to write")
+    ch.add_argument("--seq-len", type=int, help="cap the context (default: the model's)")
+    ch.set_defaults(func=_convert_hf)
+
+    ex = sub.add_parser("export", help="a condcomp checkpoint -> a Hugging Face model folder (Llama or Mixtral)")
+    ex.add_argument("checkpoint", help="run folder or checkpoint folder")
+    ex.add_argument("--out", required=True, help="the Hugging Face model folder to write (must not exist or be empty)")
+    ex.set_defaults(func=_export)
 
     ls = sub.add_parser("techniques", help="list every technique a config can name, its settings, and whether it is causal")
     ls.add_argument("--json", action="store_true", help="machine-readable output")

@@ -167,6 +167,8 @@ class DataConfig(Settings):
     val_fraction: float = setting(0.05, gt=0.0, lt=0.5)
     test_fraction: float = setting(0.05, gt=0.0, lt=0.5)
     cache_dir: str | None = setting(None, help="default: $CONDCOMP_CACHE or ~/.cache/condcomp")
+    tokenizer: str | None = setting(None, help="'bytes', a Hugging Face tokenizer folder or a packaged model name "
+                                               "(smollm2); default: model.init's tokenizer, else bytes")
 
 
 @dataclass

@@ -35,15 +35,26 @@ def train_batch(data: np.ndarray, *, step: int, seed: int, batch_size: int, seq_
     return w[:, :-1], w[:, 1:]
 
 
-def eval_batches(data: np.ndarray, *, batch_size: int, seq_len: int, max_batches: int):
-    """Fixed, evenly spaced windows across a split (the same every call): yields (inputs, targets)."""
-    n_windows = (len(data) - 1) // seq_len
+def eval_starts(n: int, *, batch_size: int, seq_len: int, max_batches: int) -> np.ndarray:
+    """Start offsets of the fixed, evenly spaced evaluation windows of a split of n tokens."""
+    n_windows = (n - 1) // seq_len
     if n_windows < 1:
-        raise ValueError(f"evaluation split has {len(data)} bytes, fewer than seq_len + 1 = {seq_len + 1}; "
+        raise ValueError(f"evaluation split has {n} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
                          "use more data, a larger data.val_fraction, or a smaller model.seq_len")
     total = min(n_windows, batch_size * max_batches)
     # Spread the windows over the whole split rather than reading only its beginning.
-    starts = (np.linspace(0, n_windows - 1, total).round().astype(np.int64)) * seq_len
-    for i in range(0, total, batch_size):
+    return (np.linspace(0, n_windows - 1, total).round().astype(np.int64)) * seq_len
+
+
+def eval_batches(data: np.ndarray, *, batch_size: int, seq_len: int, max_batches: int,
+                 token_bytes: np.ndarray | None = None):
+    """Fixed, evenly spaced windows across a split (the same every call): yields (inputs, targets),
+    both [batch, seq_len] int64; with ``token_bytes`` (bytes of text per token, [n]) also the bytes
+    of each target, [batch, seq_len] int64."""
+    starts = eval_starts(len(data), batch_size=batch_size, seq_len=seq_len, max_batches=max_batches)
+    for i in range(0, len(starts), batch_size):
         w = _windows(data, starts[i : i + batch_size], seq_len + 1)
-        yield w[:, :-1], w[:, 1:]
+        if token_bytes is None:
+            yield w[:, :-1], w[:, 1:]
+        else:
+            yield w[:, :-1], w[:, 1:], _windows(token_bytes, starts[i : i + batch_size] + 1, seq_len)

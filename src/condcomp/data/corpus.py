@@ -35,13 +35,24 @@ class DataError(ValueError):
 
 @dataclass
 class Corpus:
-    """uint8 arrays (memory-mapped) of each split, and where they came from."""
+    """Token arrays (memory-mapped) of each split, and where they came from.
+
+    Byte-level (``tokenizer == "bytes"``): uint8 arrays, one token per byte, ``token_bytes`` None.
+    Tokenized (``condcomp.data.tokenized``): token ids, and ``token_bytes[split]`` [n] the UTF-8
+    bytes of text each token stands for (bits per byte divide by their sum).
+    """
 
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
     description: str
     num_files: int
+    token_bytes: dict[str, np.ndarray] | None = None
+    tokenizer: str = "bytes"
+
+    def bytes_of(self, name: str) -> np.ndarray | None:
+        """Bytes per token of a split, or None for a byte-level corpus (one each)."""
+        return None if self.token_bytes is None else self.token_bytes[name]
 
     def split(self, name: str) -> np.ndarray:
         if name not in SPLITS:

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from condcomp.config import RunConfig, config_from_saved
-from condcomp.data import eval_batches, load_corpus, train_batch
+from condcomp.data import eval_batches, train_batch
 from condcomp.distributed import (DistributedError, Runtime, clip_grad_norm, full_experts, full_optimizer_state,
                                   ignore_in_ddp, init_distributed, reduce_expert_grads, shard_experts,
                                   shard_optimizer_state)
@@ -34,6 +34,7 @@ from condcomp.models import Transformer
 from condcomp.train import checkpoint as ckpt
 from condcomp.train.metrics_log import MetricsLog
 from condcomp.train.optim import autocast, build_optimizer, warmup_cosine
+from condcomp.train.pretrained_init import load_init_weights, load_run_corpus
 
 LN2 = math.log(2.0)
 
@@ -52,9 +53,11 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, data, *, batch_size: int, max_batches: int, precision: str = "fp32",
-             rt: Runtime | None = None) -> float:
-    """Bits per byte over fixed windows of ``data`` (uint8 array).
+def evaluate_split(model: Transformer, data, *, batch_size: int, max_batches: int, precision: str = "fp32",
+                   rt: Runtime | None = None, token_bytes=None) -> dict[str, float]:
+    """Loss over fixed windows of a split: {"bpb": bits per byte, "nll": nats per token, "tokens",
+    "bytes"}. data: token array [n]; token_bytes: bytes of text per token [n] (None: one byte per
+    token, a byte-level corpus).
 
     Distributed (``rt``): every rank evaluates its share of each batch and the sums are reduced, so
     the result equals the single-process one. All ranks must call it together.
@@ -62,9 +65,11 @@ def evaluate(model: Transformer, data, *, batch_size: int, max_batches: int, pre
     rt = rt or Runtime()
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for x, y in eval_batches(data, batch_size=batch_size, seq_len=model.cfg.seq_len, max_batches=max_batches):
-        x, y = x.tensor_split(rt.world_size)[rt.rank], y.tensor_split(rt.world_size)[rt.rank]
+    nll, tokens, nbytes = 0.0, 0.0, 0.0
+    for batch in eval_batches(data, batch_size=batch_size, seq_len=model.cfg.seq_len, max_batches=max_batches,
+                              token_bytes=token_bytes):
+        x, y = batch[0].tensor_split(rt.world_size)[rt.rank], batch[1].tensor_split(rt.world_size)[rt.rank]
+        b = y.numel() if token_bytes is None else float(batch[2].tensor_split(rt.world_size)[rt.rank].sum())
         weight = 1.0
         if x.shape[0] == 0:
             # A short last batch left this rank without a window; run one anyway (an expert-parallel
@@ -72,10 +77,19 @@ def evaluate(model: Transformer, data, *, batch_size: int, max_batches: int, pre
             x, y, weight = x.new_zeros(1, x.shape[1]), y.new_zeros(1, y.shape[1]), 0.0
         with autocast(precision, rt.device.type):
             logits = model(x.to(rt.device)).logits
-        total += weight * lm_loss(logits, y.to(rt.device)).item() * y.numel()
-        count += weight * y.numel()
+        nll += weight * lm_loss(logits, y.to(rt.device)).item() * y.numel()
+        tokens += weight * y.numel()
+        nbytes += weight * b
     model.train(was_training)
-    return rt.all_reduce(total) / rt.all_reduce(count) / LN2
+    nll, tokens, nbytes = rt.all_reduce(nll), rt.all_reduce(tokens), rt.all_reduce(nbytes)
+    return {"bpb": nll / nbytes / LN2, "nll": nll / tokens, "tokens": tokens, "bytes": nbytes}
+
+
+def evaluate(model: Transformer, data, *, batch_size: int, max_batches: int, precision: str = "fp32",
+             rt: Runtime | None = None, token_bytes=None) -> float:
+    """Bits per byte over fixed windows of ``data`` (see ``evaluate_split``)."""
+    return evaluate_split(model, data, batch_size=batch_size, max_batches=max_batches, precision=precision,
+                          rt=rt, token_bytes=token_bytes)["bpb"]
 
 
 _LOST_PEER_SIGNS = ("connection closed", "connection reset", "remote worker", "timed out", "timeout",
@@ -129,12 +143,12 @@ class Trainer:
             raise TrainingError(f"train.batch_size={tc.batch_size} is the batch over all ranks and must divide "
                                 f"evenly among the {self.rt.world_size} ranks; use a multiple of {self.rt.world_size}")
         torch.manual_seed(tc.seed)  # the same on every rank: identical initial weights
-        self.corpus = load_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction,
-                                  test_fraction=cfg.data.test_fraction, cache_dir=cfg.data.cache_dir)
+        self.corpus, self.tokenizer = load_run_corpus(cfg)
+        unit = "bytes" if self.tokenizer is None else "tokens"
         for split in ("train", "val"):
             if len(self.corpus.split(split)) < cfg.model.seq_len + 1:
                 raise TrainingError(
-                    f"the {split} split of {self.corpus.description} has {len(self.corpus.split(split))} bytes, "
+                    f"the {split} split of {self.corpus.description} has {len(self.corpus.split(split))} {unit}, "
                     f"fewer than model.seq_len + 1 = {cfg.model.seq_len + 1}; use more text or a smaller model.seq_len")
         self.model = Transformer(cfg.model)
         missing = sorted(aux_loss_names(self.model) - set(tc.aux_loss_weights))
@@ -150,6 +164,10 @@ class Trainer:
         self.metrics = MetricsLog(self.metrics_path)
         # Weights are loaded whole, then split across ranks; optimizer state follows the split.
         state = self._prepare_run_dir(resume)
+        if state is None and cfg.model.init:
+            message = load_init_weights(self.model, cfg.model.init)
+            if self.rt.is_main:
+                print(message)
         self.train_model = self._distribute()
         self.optimizer = build_optimizer(self.model, lr=tc.lr, weight_decay=tc.weight_decay,
                                          betas=(tc.beta1, tc.beta2))
@@ -389,10 +407,15 @@ class Trainer:
                            "train_seconds": self.train_seconds})
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             if self.step % tc.eval_every == 0 or finished:
-                val_bpb = evaluate(self.model, self.corpus.val, batch_size=tc.batch_size,
-                                   max_batches=tc.eval_batches, precision=tc.precision, rt=self.rt)
-                self._log({"step": self.step, "val_bpb": val_bpb, "total_flops": self.total_flops,
-                           "tokens": self.tokens_seen, "train_seconds": self.train_seconds})
+                val = evaluate_split(self.model, self.corpus.val, batch_size=tc.batch_size,
+                                     max_batches=tc.eval_batches, precision=tc.precision, rt=self.rt,
+                                     token_bytes=self.corpus.bytes_of("val"))
+                val_bpb = val["bpb"]
+                record = {"step": self.step, "val_bpb": val_bpb, "total_flops": self.total_flops,
+                          "tokens": self.tokens_seen, "train_seconds": self.train_seconds}
+                if self.tokenizer is not None:
+                    record["val_token_ppl"] = math.exp(val["nll"])
+                self._log(record)
                 if self.rt.is_main:
                     bar.write(f"step {self.step}: val {val_bpb:.4f} bits/byte")
             if self.step % tc.checkpoint_every == 0 or self.step == stop or finished:
