@@ -71,8 +71,10 @@ class Attention(nn.Module):
         q, k, v = self._project(x)
         if positions is None and cache is None:
             return self._contiguous(q, k, v, padding_mask), LayerInfo()
+        if positions is None and padding_mask is None and cache.uniform:
+            return self._decode_uniform(q, k, v, cache), LayerInfo()
         if positions is None:
-            positions = (cache.offset + torch.arange(t, device=x.device)).expand(b, t)
+            raise ValueError("a ragged key/value cache needs the tokens' positions")
         valid = torch.ones(b, t, dtype=torch.bool, device=x.device) if padding_mask is None else padding_mask
         q, k = self.rotary.apply_at(q, positions), self.rotary.apply_at(k, positions)
         k_pos, k_valid = positions, valid
@@ -85,6 +87,20 @@ class Attention(nn.Module):
         mask = mask | ~valid[:, :, None]
         y = self._attend(q, k, v, mask[:, None])
         return self.out(y.transpose(1, 2).reshape(b, t, -1)), LayerInfo()
+
+    def _decode_uniform(self, q, k, v, cache: KVCache) -> torch.Tensor:
+        """Every sequence at the same position (cache.size): append by slicing, and mask only when a
+        query could see a key after it (several new tokens on a non-empty cache)."""
+        b, _, t, _ = q.shape
+        offset = cache.size
+        q, k = self.rotary.apply(q, offset), self.rotary.apply(k, offset)
+        k_all, v_all = cache.append(k.to(cache.k.dtype) if cache.k is not None else k,
+                                    v.to(cache.v.dtype) if cache.v is not None else v)
+        mask = None
+        if t > 1 and offset > 0:
+            mask = torch.ones(t, offset + t, dtype=torch.bool, device=q.device).tril(diagonal=offset)
+        y = self._attend(q, k_all, v_all, mask, is_causal=t > 1 and offset == 0)
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))
 
     def _contiguous(self, q, k, v, padding_mask):
         b, _, t, _ = q.shape

@@ -47,7 +47,8 @@ class TransformerBlock(nn.Module):
         kv = None
         if cache is not None:
             kv = cache.layer(f"layer{self.layer_idx}.attn")
-            if positions is None:
+            if positions is None and (padding_mask is not None or not kv.uniform):
+                # A ragged cache keeps per-sequence positions; a uniform one knows its own offset.
                 positions = (cache.offset + torch.arange(x.shape[1], device=x.device)).expand(x.shape[:2])
         if positions is None and kv is None:
             y, attn_info = self.attn(self.attn_norm(x), padding_mask=padding_mask)

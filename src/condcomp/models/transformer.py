@@ -91,10 +91,11 @@ class Transformer(nn.Module):
                 module.reset_parameters()
 
     def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None,
-                padding_mask: torch.Tensor | None = None) -> ModelOutput:
+                padding_mask: torch.Tensor | None = None, last_only: bool = False) -> ModelOutput:
         """tokens: [batch, seq] int64. cache: continue from the tokens a ModelCache has seen
         (incremental decoding, inference mode only); it is advanced by seq. padding_mask: [batch, seq]
-        bool, True = real token; padded tokens are never attended to or routed (their logits are junk)."""
+        bool, True = real token; padded tokens are never attended to or routed (their logits are junk).
+        last_only: logits of the last position only, [batch, 1, vocab] (generation needs no more)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
         end = tokens.shape[1] + (cache.offset if cache is not None else 0)
@@ -109,6 +110,8 @@ class Transformer(nn.Module):
             aux.add(f"layer{i}", info)
         if cache is not None:
             cache.offset = end
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
         return ModelOutput(logits=logits, aux_losses=dict(aux.losses), metrics=aux.metrics)
 
@@ -136,9 +139,9 @@ class Transformer(nn.Module):
         cache = ModelCache() if use_cache else None
         for step in range(max_new_tokens):
             if cache is not None:
-                logits = self(out if step == 0 else out[:, -1:], cache=cache).logits[:, -1, :].float()
+                logits = self(out if step == 0 else out[:, -1:], cache=cache, last_only=True).logits[:, -1, :].float()
             else:
-                logits = self(out[:, -self.cfg.seq_len :]).logits[:, -1, :].float()
+                logits = self(out[:, -self.cfg.seq_len :], last_only=True).logits[:, -1, :].float()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
