@@ -199,6 +199,11 @@ def test_mod_and_skip_wrap_the_pretrained_blocks():
         wrapped = model.blocks[0].block
         torch.testing.assert_close(wrapped.attn.qkv.weight, dense.blocks[0].attn.qkv.weight)
         torch.testing.assert_close(wrapped.ffn.down.weight, dense.blocks[0].ffn.down.weight)
+    # The skip gates start by running every token: at inference the wrapped model is the dense one.
+    skip, _ = from_hf(hf, dtype=torch.float64, overrides={"block": "skip"})
+    x = _tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(skip(x).logits, dense(x).logits, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.slow

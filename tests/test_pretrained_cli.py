@@ -125,6 +125,14 @@ def test_refusals_write_nothing(hf_folder, text_file, tmp_path, capsys):
     assert "block: mod has no Hugging Face counterpart" in capsys.readouterr().err
     assert not (tmp_path / "hf-out").exists()
 
+    # A model folder whose weights are missing.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((hf_folder / "config.json").read_text())
+    assert main(["convert", "hf", str(broken), "--out", str(tmp_path / "y")]) == 2
+    assert "could not load the model in" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+
     # A tokenizer larger than the model's vocabulary.
     args = ["train", "--run-dir", str(tmp_path / "t")] + _sets(text_file, tmp_path, **{
         "data.tokenizer": str(hf_folder), "model.vocab_size": 100, "model.d_model": 32, "model.n_heads": 2})

@@ -24,6 +24,7 @@ import yaml
 
 from condcomp.config import ConfigError, RunConfig, from_dict
 from condcomp.settings import apply_override
+from condcomp.train.pretrained_init import resolve_init
 
 
 @dataclass
@@ -86,7 +87,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
         cfg["train"]["max_flops" if kind == "flops" else "max_seconds"] = amount
         cfg["train"]["steps"] = 10_000_000  # the budget decides when to stop (and drives the LR schedule)
         try:
-            variants[name] = from_dict(RunConfig, cfg)
+            variants[name] = from_dict(RunConfig, resolve_init(cfg))
         except ConfigError as e:
             raise ConfigError(f"variants.{name}: {e}") from None
     return Grid(name=str(raw.get("name") or path.stem), budget_kind=kind, budget=amount, variants=variants,

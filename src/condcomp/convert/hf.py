@@ -272,7 +272,8 @@ def load_dense_state(model, state: dict[str, torch.Tensor], *, what: str) -> Non
     """Load a dense model's weights into ``model``.
 
     Blocks that a technique wraps (MoD, skip: ``blocks.i.block.*``) take the dense block's weights;
-    parameters the dense model has no counterpart for (routers) keep their initialisation. Any pretrained weight that finds no place, or any non-router parameter left without one,
+    parameters the dense model has no counterpart for (routers) keep their initialisation, or take the
+    one their ``start_like_dense()`` gives (a skip gate that runs every token at first). Any pretrained weight that finds no place, or any non-router parameter left without one,
     is an error naming it."""
     own = model.state_dict(keep_vars=True)
     mapped = {}
@@ -299,6 +300,9 @@ def load_dense_state(model, state: dict[str, torch.Tensor], *, what: str) -> Non
     with torch.no_grad():
         for key, value in mapped.items():
             own[key].copy_(value)
+    for module in model.modules():
+        if hasattr(module, "start_like_dense"):  # routers around pretrained blocks start near the dense model
+            module.start_like_dense()
 
 
 def to_hf(model, tokenizer, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> Path:

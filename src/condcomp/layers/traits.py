@@ -13,6 +13,8 @@ Every layer a technique builds returns ``(y, LayerInfo)`` from ``forward`` and m
     routed_parameters() -> dict[router attribute, RoutedParameters]
                                the parameters behind each of its routers (for active-parameter counts).
     owns_init: bool            the model calls its ``reset_parameters`` after the generic init.
+    start_like_dense()         (routers) called when the layer wraps pretrained dense blocks: start as
+                               close to the dense computation as the technique allows.
 
 The helpers below read these over a whole model.
 """

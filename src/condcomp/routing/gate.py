@@ -45,6 +45,13 @@ class BinaryGate(Router):
         with torch.no_grad():
             self.gate.bias.copy_(torch.tensor([0.0, self.init_run_bias]))
 
+    def start_like_dense(self) -> None:
+        """Wrapped around pretrained blocks: decide by the bias alone at first, so every token runs
+        the block at inference (and, in training, about sigmoid(init_run_bias) of them do)."""
+        with torch.no_grad():
+            self.gate.weight.zero_()
+            self.gate.bias.copy_(torch.tensor([0.0, self.init_run_bias]))
+
     def select(self, logits: torch.Tensor, tokens: RouterTokens) -> Routing:
         real, n = tokens.real, tokens.num_tokens
         if self.training:

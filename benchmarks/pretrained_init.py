@@ -1,0 +1,55 @@
+"""How close a technique wrapped around pretrained blocks starts to the pretrained model.
+
+SmolLM2-135M is brought in dense, with per-token layer skipping (``block: skip``) and with
+mixture-of-depths (``block: mod``); each evaluates, before any training step, on the same validation
+windows of the built-in corpus (inference mode, bf16 autocast). Prints bits per byte and the gap to
+the dense model.
+
+    python benchmarks/pretrained_init.py --windows 16
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from condcomp.convert.hf import _load_hf_model, from_hf
+from condcomp.data import load_corpus
+from condcomp.data.tokenized import tokenize_corpus
+from condcomp.train.trainer import evaluate_split
+
+VARIANTS = {
+    "dense (as imported)": {},
+    "skip, every layer, target rate 0.5": {"block": "skip", "skip": {"every": 1, "target_rate": 0.5}},
+    "MoD, every 2nd layer, capacity 0.125": {"block": "mod", "mod": {"every": 2, "capacity": 0.125}},
+    "MoD, every 2nd layer, capacity 0.5": {"block": "mod", "mod": {"every": 2, "capacity": 0.5}},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--windows", type=int, default=16, help="validation windows of 512 tokens")
+    args = p.parse_args()
+    hf, tokenizer, _ = _load_hf_model("smollm2", torch.float32)
+    corpus = tokenize_corpus(load_corpus("stdlib"), tokenizer, name="smollm2")
+    print("| model at step 0 | val bits/byte | gap to dense | fraction of tokens computed (routed layers) |")
+    print("|---|---|---|---|")
+    dense_bpb = None
+    for label, overrides in VARIANTS.items():
+        torch.manual_seed(0)
+        model, _ = from_hf(hf, seq_len=512, overrides=overrides)
+        fractions = []
+        hooks = [m.register_forward_hook(lambda mod, a, r: fractions.append(float(r.metrics["fraction_selected"])))
+                 for name, m in model.named_modules() if name.endswith(".router")]
+        r = evaluate_split(model, corpus.val, batch_size=4, max_batches=max(1, args.windows // 4), precision="bf16",
+                           token_bytes=corpus.bytes_of("val"))
+        for h in hooks:
+            h.remove()
+        dense_bpb = dense_bpb if dense_bpb is not None else r["bpb"]
+        computed = f"{sum(fractions) / len(fractions):.3f}" if fractions else "1 (dense)"
+        print(f"| {label} | {r['bpb']:.4f} | {r['bpb'] - dense_bpb:+.4f} | {computed} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
