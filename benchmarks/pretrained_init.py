@@ -3,7 +3,8 @@
 SmolLM2-135M is brought in dense, with per-token layer skipping (``block: skip``) and with
 mixture-of-depths (``block: mod``); each evaluates, before any training step, on the same validation
 windows of the built-in corpus (inference mode, bf16 autocast). Prints bits per byte and the gap to
-the dense model.
+the dense model, and the bits per byte the same windows get in training mode (routers sampling as in
+training: what the first training steps see).
 
     python benchmarks/pretrained_init.py --windows 16
 """
@@ -17,7 +18,9 @@ import torch
 from condcomp.convert.hf import _load_hf_model, from_hf
 from condcomp.data import load_corpus
 from condcomp.data.tokenized import tokenize_corpus
-from condcomp.train.trainer import evaluate_split
+from condcomp.data import eval_batches
+from condcomp.train.optim import autocast
+from condcomp.train.trainer import LN2, evaluate_split, lm_loss
 
 VARIANTS = {
     "dense (as imported)": {},
@@ -27,14 +30,30 @@ VARIANTS = {
 }
 
 
+@torch.no_grad()
+def training_mode_bpb(model, corpus, windows: int) -> float:
+    """The same windows in training mode (routers sample as they do during training), seeded."""
+    model.train()
+    torch.manual_seed(0)
+    nll = nbytes = 0.0
+    for x, y, b in eval_batches(corpus.val, batch_size=4, seq_len=512, max_batches=max(1, windows // 4),
+                                token_bytes=corpus.bytes_of("val")):
+        with autocast("bf16"):
+            nll += lm_loss(model(x).logits, y).item() * y.numel()
+        nbytes += float(b.sum())
+    model.eval()
+    return nll / nbytes / LN2
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--windows", type=int, default=16, help="validation windows of 512 tokens")
     args = p.parse_args()
     hf, tokenizer, _ = _load_hf_model("smollm2", torch.float32)
     corpus = tokenize_corpus(load_corpus("stdlib"), tokenizer, name="smollm2")
-    print("| model at step 0 | val bits/byte | gap to dense | fraction of tokens computed (routed layers) |")
-    print("|---|---|---|---|")
+    print("| model at step 0 | val bits/byte | gap to dense | fraction computed (routed layers) | "
+          "training-mode bits/byte |")
+    print("|---|---|---|---|---|")
     dense_bpb = None
     for label, overrides in VARIANTS.items():
         torch.manual_seed(0)
@@ -48,7 +67,8 @@ def main() -> None:
             h.remove()
         dense_bpb = dense_bpb if dense_bpb is not None else r["bpb"]
         computed = f"{sum(fractions) / len(fractions):.3f}" if fractions else "1 (dense)"
-        print(f"| {label} | {r['bpb']:.4f} | {r['bpb'] - dense_bpb:+.4f} | {computed} |", flush=True)
+        train_bpb = training_mode_bpb(model, corpus, args.windows)
+        print(f"| {label} | {r['bpb']:.4f} | {r['bpb'] - dense_bpb:+.4f} | {computed} | {train_bpb:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,9 @@ class Trainer:
             message = load_init_weights(self.model, cfg.model.init)
             if self.rt.is_main:
                 print(message)
+                if tc.lr > 1e-3:
+                    print(f"note: train.lr={tc.lr:g} is a from-scratch learning rate; fine-tuning pretrained weights "
+                          "usually wants 1e-4 or lower (--set train.lr=1e-4)")
         self.train_model = self._distribute()
         self.optimizer = build_optimizer(self.model, lr=tc.lr, weight_decay=tc.weight_decay,
                                          betas=(tc.beta1, tc.beta2))
