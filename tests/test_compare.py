@@ -114,7 +114,12 @@ def test_time_budget_stops_near_the_budget(tiny_config):
     trainer = Trainer(cfg)
     trainer.train()
     per_step = trainer.train_seconds / trainer.step
-    assert abs(trainer.train_seconds - 1.5) <= 3 * per_step  # one step's jitter either way, with margin
+    # The run stops once the next step would end further from the budget than stopping now, so it ends
+    # within the last step's duration of the budget (steps vary when the machine is busy: use the real one).
+    times = [json.loads(l)["train_seconds"] for l in open(f"{cfg.run_dir}/metrics.jsonl")
+             if '"loss"' in l]
+    last_step = times[-1] - times[-2]
+    assert abs(trainer.train_seconds - 1.5) <= last_step + per_step
     # The LR schedule followed the budget: it ended at the cosine floor.
     assert trainer.scheduler.get_last_lr()[0] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio, rel=0.15)
 

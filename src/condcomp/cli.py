@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from importlib import resources
@@ -139,6 +140,21 @@ def _techniques(args) -> int:
     return 0
 
 
+def _number(kind, *, minimum=None, strictly: bool = False):
+    """An argparse type: a finite ``kind`` (int or float) >= minimum (> minimum when strictly)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if minimum is not None and (value <= minimum if strictly else value < minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strictly else '>='} {minimum}, got {text}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="condcomp", description="Conditional computation for Transformers.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -158,16 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     e.add_argument("--split", default="val", choices=("train", "val", "test"))
     e.add_argument("--data", help="evaluate on this text instead of the training source")
-    e.add_argument("--batches", type=int, default=64)
+    e.add_argument("--batches", type=_number(int, minimum=1), default=64, help="evaluation batches (>= 1)")
     e.set_defaults(func=_eval)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint")
     s.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     s.add_argument("--prompt", default="def ")
-    s.add_argument("--length", type=int, default=300, help="bytes to generate")
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=40)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--length", type=_number(int, minimum=1), default=300, help="tokens (bytes) to generate")
+    s.add_argument("--temperature", type=_number(float, minimum=0.0), default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=_number(int, minimum=1), default=40)
+    s.add_argument("--seed", type=_number(int, minimum=0), default=0)
     s.set_defaults(func=_sample)
 
     c = sub.add_parser("compare", help="train a grid of variants under equal compute and write a report")
@@ -187,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch = cvsub.add_parser("hf", help="a Hugging Face Llama-family decoder -> a condcomp checkpoint folder")
     ch.add_argument("source", help="a Hugging Face model folder or a packaged model (smollm2)")
     ch.add_argument("--out", required=True, help="the condcomp run folder to write")
-    ch.add_argument("--seq-len", type=int, help="cap the context (default: the model's)")
+    ch.add_argument("--seq-len", type=_number(int, minimum=2), help="cap the context (default: the model's)")
     ch.set_defaults(func=_convert_hf)
 
     ex = sub.add_parser("export", help="a condcomp checkpoint -> a Hugging Face model folder (Llama or Mixtral)")
@@ -208,9 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from condcomp.errors import user_errors
+    from condcomp.train import TrainingInterrupted
 
     try:
         return args.func(args)
+    except TrainingInterrupted as e:
+        print(f"condcomp {args.command}: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"condcomp {args.command}: interrupted (a second Ctrl-C: nothing more was saved)", file=sys.stderr)
+        return 130
     except user_errors() as e:
         print(f"condcomp {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import field
@@ -44,6 +45,8 @@ def check_value(name: str, value: Any, meta: typing.Mapping, error: type[ConfigE
     """Raise ``error`` if ``value`` breaks the range or choices in a field's metadata."""
     if value is None or isinstance(value, (Settings, dict, list)):
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise error(f"{name}: must be a finite number, got {value}")
     if meta.get("choices") is not None:
         choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
         if value not in choices:
@@ -218,6 +221,42 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a mapping with the same key twice (plain YAML keeps the last one
+    silently, and a grid would lose a variant)."""
+
+
+def _construct_unique_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: the key {key!r} appears twice in one mapping")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_yaml_file(path: str | Path, *, what: str = "config") -> Any:
+    """Parse a YAML file safely (no code runs), refusing duplicate keys; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{line}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+
+
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply one ``key.path=value`` (value in YAML syntax) to a raw mapping, in place."""
     if "=" not in assignment:
@@ -229,20 +268,17 @@ def apply_override(raw: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML") from None
 
 
 def read_yaml(path: str | Path | None, overrides: list[str] | None = None, *, what: str = "config") -> dict:
     """A YAML mapping from ``path`` (or an empty one) with ``key=value`` overrides applied."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{what} file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raw = load_yaml_file(path, what=what) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for assignment in overrides or []:

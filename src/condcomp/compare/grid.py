@@ -17,14 +17,17 @@ Every variant's config is built and validated when the grid loads, before anythi
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from condcomp.config import ConfigError, RunConfig, from_dict
-from condcomp.settings import apply_override
+from condcomp.settings import apply_override, load_yaml_file
 from condcomp.train.pretrained_init import resolve_init
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -41,7 +44,7 @@ def _load_mapping(value, where: Path, what: str) -> dict:
         path = (where / value) if not Path(value).is_absolute() else Path(value)
         if not path.is_file():
             raise ConfigError(f"{what}: config file not found: {path}")
-        return yaml.safe_load(path.read_text()) or {}
+        return load_yaml_file(path) or {}
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -52,9 +55,9 @@ def _load_mapping(value, where: Path, what: str) -> dict:
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
     """Read and validate a grid; every variant's config is built (and checked) here, before training."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml_file(path, what="grid") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a grid is a mapping with name, budget, base, common and variants")
     unknown = set(raw) - {"name", "budget", "base", "common", "variants"}
     if unknown:
         raise ConfigError(f"{path}: unknown grid keys {sorted(unknown)}; valid: name, budget, base, common, variants")
@@ -70,8 +73,12 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
     if amount <= 0:
         raise ConfigError(f"{path}: budget.{kind} must be > 0")
     variants_raw = raw.get("variants") or {}
-    if not variants_raw:
-        raise ConfigError(f"{path}: the grid has no variants")
+    if not variants_raw or not isinstance(variants_raw, dict):
+        raise ConfigError(f"{path}: the grid has no variants (a mapping of name -> {{config, set}})")
+    for name in variants_raw:
+        if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or name in (".", ".."):
+            raise ConfigError(f"variants: {name!r} is not a usable variant name; it names a folder under --out, so use "
+                              "letters, digits, '.', '_' and '-' only (no '/', no leading '.')")
     common = list(raw.get("common") or []) + list(overrides or [])
     variants = {}
     for name, spec in variants_raw.items():

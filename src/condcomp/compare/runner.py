@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import resource
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ import yaml
 from condcomp.compare.grid import Grid
 from condcomp.config import RunConfig, config_from_saved
 from condcomp.train.metrics_log import MetricsLog
-from condcomp.train.trainer import TrainingError
+from condcomp.train.trainer import TrainingError, TrainingInterrupted
 
 
 @dataclass
@@ -61,7 +62,22 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent dies (a killed compare leaves no
+    orphan training on): the trainer then saves a checkpoint and stops."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: the parent's own cleanup still terminates children it outlives
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _variant_process(config: dict, peak_rss) -> None:
+    _die_with_parent()
     train_variant(config)
     peak_rss.value = _peak_rss_mib()
 
@@ -75,9 +91,15 @@ def train_in_child(cfg: RunConfig, name: str) -> float:
     try:
         proc.join()
     except KeyboardInterrupt:
-        proc.terminate()  # the child got the Ctrl-C too; make sure it is gone before we leave
-        proc.join()
-        raise
+        # The child got the Ctrl-C too and is saving a checkpoint: give it time, then make sure it is gone.
+        try:
+            proc.join(timeout=120)
+        finally:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+        raise TrainingInterrupted(f"compare interrupted while training variant {name}; run the same compare "
+                                  "command again to resume (finished variants are kept)") from None
     if proc.exitcode != 0:
         raise TrainingError(f"training variant {name} failed (exit {proc.exitcode}); fix the error above and run "
                             f"the same compare command again to resume")

@@ -1,6 +1,6 @@
 """Trainer, checkpoints and metrics log."""
 
 from condcomp.train.checkpoint import CheckpointError
-from condcomp.train.trainer import Trainer, TrainingError, TrainResult, evaluate, load_model
+from condcomp.train.trainer import Trainer, TrainingError, TrainingInterrupted, TrainResult, evaluate, load_model
 
-__all__ = ["CheckpointError", "Trainer", "TrainingError", "TrainResult", "evaluate", "load_model"]
+__all__ = ["CheckpointError", "Trainer", "TrainingError", "TrainingInterrupted", "TrainResult", "evaluate", "load_model"]

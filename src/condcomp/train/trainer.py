@@ -31,16 +31,22 @@ from condcomp.distributed import (DistributedError, Runtime, clip_grad_norm, ful
                                   shard_optimizer_state)
 from condcomp.layers.traits import aux_loss_names, selects_tokens
 from condcomp.models import Transformer
+from condcomp.routing import RoutingError
 from condcomp.train import checkpoint as ckpt
 from condcomp.train.metrics_log import MetricsLog
 from condcomp.train.optim import autocast, build_optimizer, warmup_cosine
 from condcomp.train.pretrained_init import load_init_weights, load_run_corpus
+from condcomp.train.run_guard import RunLock, StopRequest
 
 LN2 = math.log(2.0)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (diverged, misconfigured run folder, ...); the message says what to do."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C or SIGTERM: training stopped after a checkpoint; the message says how to resume."""
 
 
 # The schedule under its historical name (benchmarks and tests import it from here).
@@ -162,8 +168,16 @@ class Trainer:
         self.last_step_flops = 0.0
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.metrics = MetricsLog(self.metrics_path)
+        # One training process per run folder (rank 0 holds it for the whole job).
+        self.lock = RunLock(self.run_dir)
+        if self.rt.is_main:
+            self.lock.acquire(TrainingError)
         # Weights are loaded whole, then split across ranks; optimizer state follows the split.
-        state = self._prepare_run_dir(resume)
+        try:
+            state = self._prepare_run_dir(resume)
+        except BaseException:
+            self.lock.release()
+            raise
         if state is None and cfg.model.init:
             message = load_init_weights(self.model, cfg.model.init)
             if self.rt.is_main:
@@ -254,7 +268,7 @@ class Trainer:
             if self.rt.is_main:
                 print(f"no checkpoint in {self.run_dir} yet; starting from step 0")
             return self._prepare_run_dir(False)
-        path = ckpt.resolve_checkpoint(self.run_dir if resume is True else resume)
+        path = self._usable_checkpoint(existing) if resume is True else ckpt.resolve_checkpoint(resume)
         saved = config_from_saved(ckpt.read_config(path))
         if saved.model != self.cfg.model:
             raise TrainingError(f"checkpoint {path} was trained with a different model config; "
@@ -271,6 +285,21 @@ class Trainer:
             self.metrics.truncate_after(self.step)  # those lines will be written again
         self.rt.barrier()
         return state
+
+    def _usable_checkpoint(self, existing: list[Path]) -> Path:
+        """The newest checkpoint that passes its integrity check; an older one is used only with a
+        message saying which and why (never silently)."""
+        errors = []
+        for path in reversed(existing):
+            try:
+                ckpt.verify_checkpoint(path)
+            except ckpt.CheckpointError as e:
+                errors.append(str(e))
+                continue
+            if errors and self.rt.is_main:
+                print(f"warning: {'; '.join(errors)}; resuming from the older intact checkpoint {path.name} instead")
+            return path
+        raise ckpt.CheckpointError(f"no intact checkpoint in {self.run_dir}: {'; '.join(errors)}")
 
     def save(self) -> Path:
         """Write a whole checkpoint (rank 0, after gathering expert shards; every rank calls this)."""
@@ -328,7 +357,10 @@ class Trainer:
         counter = FlopCounterMode(display=False) if count else contextlib.nullcontext()
         with counter:
             with autocast(tc.precision, self.rt.device.type):
-                out = self.train_model(x)
+                try:
+                    out = self.train_model(x)
+                except RoutingError as e:  # a router met NaN/inf scores: the same clean stop as a NaN loss
+                    raise TrainingError(self._diverged(f"a router's scores became NaN or inf ({e})")) from None
                 loss = lm_loss(out.logits, y)
                 total = loss + self.aux_loss(out.aux_losses)
             total.backward()  # DDP averages the replicated gradients over ranks here
@@ -337,10 +369,7 @@ class Trainer:
         if count:
             self.last_step_flops = self.rt.all_reduce(float(counter.get_total_flops()))  # all ranks' FLOPs
         if self.rt.all_reduce(float(not torch.isfinite(total).item()), "max"):
-            raise TrainingError(
-                f"loss became {total.item()} at step {self.step}; training stopped before updating the weights. "
-                f"The last checkpoint in {ckpt.checkpoint_dir(self.run_dir)} is intact: lower train.lr "
-                "(or enable grad_clip) and resume from it")
+            raise TrainingError(self._diverged(f"the loss became {total.item()}"))
         grad_norm = None
         if tc.grad_clip is not None:
             if self.expert_parallel:
@@ -359,11 +388,20 @@ class Trainer:
         record.update(_scalar_metrics(out.metrics))  # routing metrics of rank 0's share
         return mean_loss, record
 
+    def _diverged(self, what: str) -> str:
+        """The message for a run that diverged at this step, true to what is on disk."""
+        saved = ckpt.list_checkpoints(self.run_dir)
+        fix = "lower train.lr" + (" or enable train.grad_clip" if self.cfg.train.grad_clip is None else "")
+        where = (f"the last checkpoint, {saved[-1]}, is intact: {fix} and resume from it with --resume" if saved
+                 else f"no checkpoint was written yet: {fix} and start again")
+        return f"{what} at step {self.step + 1}; training stopped before updating the weights, and {where}"
+
     def train(self, until: int | None = None) -> TrainResult:
         """Train to ``train.steps`` or until the budget (train.max_flops / max_seconds) is spent; or stop
         early after step ``until``, checkpointing there."""
         try:
-            return self._train(until)
+            with StopRequest() as stop:
+                return self._train(until, stop)
         except RuntimeError as e:
             if not (self.rt.distributed and lost_peer(e)):
                 raise
@@ -376,8 +414,10 @@ class Trainer:
                 f"{self.step + 1} ({detail}); {last}. Fix what stopped that rank (its log says why) and launch "
                 "the same command again with --resume; torchrun --max-restarts N ... --resume does that "
                 "automatically") from e
+        finally:
+            self.lock.release()
 
-    def _train(self, until: int | None) -> TrainResult:
+    def _train(self, until: int | None, stop_request: StopRequest | None = None) -> TrainResult:
         tc = self.cfg.train
         stop = tc.steps if until is None else min(until, tc.steps)
         self.model.train()
@@ -426,6 +466,13 @@ class Trainer:
             if bar.total != (expected := self.expected_steps()):
                 bar.total = expected
             bar.update(1)
+            if stop_request is not None and self.rt.all_reduce(float(stop_request.requested), "max") and not finished:
+                bar.close()
+                path = last_ckpt if last_ckpt is not None and last_ckpt.name.endswith(f"{self.step:08d}") \
+                    else self.save()
+                raise TrainingInterrupted(
+                    f"stopped by {stop_request.name or 'a signal on another rank'} after step {self.step}; "
+                    f"checkpoint {path} saved. Resume with the same command and --resume")
         bar.close()
         return TrainResult(self.run_dir, self.step, val_bpb, losses, self.total_flops, last_ckpt)
 

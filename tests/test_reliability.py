@@ -1,0 +1,197 @@
+"""A user's mistake or a fault never costs a run, never mixes two runs, and never shows a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from condcomp.cli import main
+from condcomp.config import ConfigError, load_config
+from condcomp.train import Trainer, TrainingError
+from condcomp.train.checkpoint import list_checkpoints
+
+from conftest import tiny_overrides
+
+
+def test_a_second_training_into_the_same_run_folder_is_refused_and_the_first_is_untouched(tiny_config):
+    first = Trainer(tiny_config("shared", **{"train.steps": 4, "train.checkpoint_every": 2}))
+    with pytest.raises(TrainingError, match="is in use by a training process .pid"):
+        Trainer(tiny_config("shared", **{"train.steps": 4}), resume=True)
+    result = first.train()
+    assert result.step == 4
+    records = [json.loads(line) for line in open(f"{first.run_dir}/metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    # Finished: the lock is gone and the run resumes.
+    assert Trainer(tiny_config("shared", **{"train.steps": 4}), resume=True).step == 4
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block_a_resume(tiny_config, tmp_path):
+    cfg = tiny_config("killed-lock")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, time
+        os.makedirs({str(cfg.run_dir)!r}, exist_ok=True)
+        fh = open(os.path.join({str(cfg.run_dir)!r}, ".lock"), "a+")
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        print("locked", flush=True)
+        time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(TrainingError, match="in use"):
+        Trainer(cfg, resume=True)
+    holder.kill()
+    holder.wait()
+    assert Trainer(cfg, resume=True).step == 0
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_older_one_and_says_so(tiny_config, capsys):
+    cfg = tiny_config("corrupt", **{"train.steps": 6, "train.checkpoint_every": 3, "train.keep_checkpoints": 3})
+    Trainer(cfg).train()
+    newest = list_checkpoints(cfg.run_dir)[-1]
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    resumed = Trainer(cfg, resume=True)
+    out = capsys.readouterr().out
+    assert resumed.step == 3
+    assert f"{newest.name}" in out and "resuming from the older intact checkpoint step_00000003" in out
+
+
+def test_nan_in_a_routed_model_stops_cleanly_with_a_true_message(tiny_config):
+    cfg = tiny_config("nan-moe", **{"model.ffn": "moe", "model.moe.num_experts": 4, "train.steps": 3})
+    trainer = Trainer(cfg)
+    with torch.no_grad():
+        trainer.model.embed.weight.fill_(float("nan"))
+    with pytest.raises(TrainingError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert "NaN or inf" in message and "no checkpoint was written yet" in message
+    assert "enable train.grad_clip" not in message  # clipping is on by default
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "--checkpoint", "x", "--top-k", "0"], "--top-k: must be >= 1"),
+    (["sample", "--checkpoint", "x", "--top-k", "-3"], "--top-k: must be >= 1"),
+    (["sample", "--checkpoint", "x", "--temperature", "-1"], "--temperature: must be >= 0.0"),
+    (["sample", "--checkpoint", "x", "--length", "-5"], "--length: must be >= 1"),
+    (["sample", "--checkpoint", "x", "--temperature", "nan"], "must be a finite number"),
+    (["eval", "--checkpoint", "x", "--batches", "0"], "--batches: must be >= 1"),
+])
+def test_bad_command_line_numbers_exit_2_with_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", ".inf", "-inf"])
+def test_non_finite_config_numbers_are_refused(value, text_file, tmp_path):
+    with pytest.raises(ConfigError, match="train.lr: must be a finite number"):
+        load_config(None, tiny_overrides(text_file, tmp_path / "r", tmp_path / "c", **{"train.lr": value}))
+
+
+def test_a_byte_model_smaller_than_the_byte_alphabet_is_refused(tiny_config):
+    with pytest.raises(ConfigError, match="model.vocab_size: 100 is smaller than the 256 byte values"):
+        Trainer(tiny_config("small-vocab", **{"model.vocab_size": 100}))
+
+
+GRID = """\
+name: g
+budget: {{flops: 1e9}}
+base: {{model: {{d_model: 32, n_layers: 1, n_heads: 2, seq_len: 16}}}}
+variants:
+{variants}
+"""
+
+
+@pytest.mark.parametrize("variants, message", [
+    ("  ../escape: {}", "'../escape' is not a usable variant name"),
+    ("  /abs: {}", "is not a usable variant name"),
+    ("  a/b: {}", "is not a usable variant name"),
+    ("  ..: {}", "is not a usable variant name"),
+    ("  dense: {}\n  dense: {set: [model.ffn=gelu]}", "the key 'dense' appears twice"),
+    ("  dense: {set: [model.ffn=gelu]", "not valid YAML at line"),
+])
+def test_bad_grids_are_refused_before_anything_is_written(variants, message, tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID.format(variants=variants))
+    out = tmp_path / "out"
+    assert main(["compare", "--grid", str(grid), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def _train_cmd(text_file, tmp_path, run_dir, steps):
+    sets = tiny_overrides(text_file, run_dir, tmp_path / "cache", **{
+        "train.steps": steps, "train.checkpoint_every": 1000, "train.eval_every": 1000, "model.d_model": 64})
+    return [sys.executable, "-m", "condcomp", "train"] + [a for s in sets for a in ("--set", s)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_saves_a_checkpoint_and_the_resumed_run_is_identical(sig, text_file, tmp_path):
+    run_dir = tmp_path / "interrupted"
+    proc = subprocess.Popen(_train_cmd(text_file, tmp_path, run_dir, 60), cwd=tmp_path, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.is_file() or metrics.read_text().count('"loss"') < 3):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint" in err and "--resume" in err and "Traceback" not in err
+    saved = list_checkpoints(run_dir)
+    assert saved, "no checkpoint was saved on the interrupt"
+    stopped_at = int(saved[-1].name.split("_")[1])
+    assert 3 <= stopped_at < 60
+    subprocess.run(_train_cmd(text_file, tmp_path, run_dir, 60) + ["--resume"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    reference = tmp_path / "reference"
+    subprocess.run(_train_cmd(text_file, tmp_path, reference, 60), cwd=tmp_path, check=True, capture_output=True)
+    losses = [json.loads(l)["loss"] for l in metrics.read_text().splitlines() if '"loss"' in l]
+    want = [json.loads(l)["loss"] for l in (reference / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert losses == want  # every step once, bit for bit
+
+
+@pytest.mark.slow
+def test_a_killed_compare_leaves_no_training_child(text_file, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(textwrap.dedent(f"""\
+        name: orphan
+        budget: {{flops: 1e15}}
+        base:
+          model: {{d_model: 64, n_layers: 2, n_heads: 2, seq_len: 32}}
+          data: {{source: {text_file}, cache_dir: {tmp_path / 'cache'}}}
+          train: {{batch_size: 4, eval_every: 100000, checkpoint_every: 100000, progress: false}}
+        variants:
+          dense: {{}}
+        """))
+    parent = subprocess.Popen([sys.executable, "-m", "condcomp", "compare", "--grid", str(grid), "--out",
+                               str(tmp_path / "out")], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "out" / "variants" / "dense" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text()):
+        time.sleep(0.1)
+    children = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "the compare started no child"
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 60
+    alive = children
+    while alive and time.time() < deadline:
+        alive = [pid for pid in children if os.path.exists(f"/proc/{pid}") and
+                 open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+        time.sleep(0.2)
+    assert not alive, f"training children {alive} outlived the killed compare"
