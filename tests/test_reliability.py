@@ -195,3 +195,16 @@ def test_a_killed_compare_leaves_no_training_child(text_file, tmp_path):
                  open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
         time.sleep(0.2)
     assert not alive, f"training children {alive} outlived the killed compare"
+
+
+def test_relative_paths_in_a_config_file_are_relative_to_the_file(tmp_path, text_file, monkeypatch):
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    (folder / "corpus.txt").write_text(text_file.read_text())
+    (folder / "c.yaml").write_text("data: {source: corpus.txt}\nrun_dir: runs/x\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(folder / "c.yaml", ["data.cache_dir=cache"])
+    assert cfg.data.source == str((folder / "corpus.txt").resolve())
+    assert cfg.run_dir == "runs/x" and cfg.data.cache_dir == "cache"  # outputs and --set: working directory

@@ -231,9 +231,41 @@ class RunConfig(Settings):
 
 
 
+# Input paths a config file may hold. Written in a file, a relative one means relative to that file
+# (as a grid's variant configs are to the grid); given with --set or --data, relative to the working
+# directory. Output folders (run_dir) are always relative to the working directory.
+FILE_RELATIVE_KEYS = (("data", "source"), ("data", "cache_dir"), ("data", "tokenizer"), ("model", "init"))
+NOT_PATHS = {"stdlib", "bytes"}
+
+
+def resolve_file_paths(raw: dict, base: Path) -> dict:
+    """Make the relative input paths of a config mapping read from a file in ``base`` absolute.
+    Names that are not paths (stdlib, bytes, a packaged model) stay as they are."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for section, key in FILE_RELATIVE_KEYS:
+        node = out.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(value, str) or value in NOT_PATHS or Path(value).expanduser().is_absolute():
+            continue
+        candidate = base / value
+        if key in ("tokenizer", "init") and not candidate.exists():
+            continue  # a packaged model name, not a path
+        node[key] = str(candidate.resolve())
+    return out
+
+
+def read_run_yaml(path: str | Path | None, overrides: list[str] | None = None) -> dict:
+    """A config file's mapping with its relative input paths resolved against its folder, then the
+    command line's ``key=value`` overrides (whose paths stay relative to the working directory)."""
+    raw = read_yaml(path) if path is not None else {}
+    if path is not None:
+        raw = resolve_file_paths(raw, Path(path).resolve().parent)
+    return read_yaml(None, overrides, base=raw)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (or start from defaults), apply ``key=value`` overrides, validate."""
-    return from_dict(RunConfig, read_yaml(path, overrides))
+    return from_dict(RunConfig, read_run_yaml(path, overrides))
 
 
 def config_from_saved(d: dict) -> RunConfig:

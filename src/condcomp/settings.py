@@ -274,9 +274,10 @@ def apply_override(raw: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: the value is not valid YAML") from None
 
 
-def read_yaml(path: str | Path | None, overrides: list[str] | None = None, *, what: str = "config") -> dict:
-    """A YAML mapping from ``path`` (or an empty one) with ``key=value`` overrides applied."""
-    raw: dict = {}
+def read_yaml(path: str | Path | None, overrides: list[str] | None = None, *, what: str = "config",
+              base: dict | None = None) -> dict:
+    """A YAML mapping from ``path`` (or ``base``, or an empty one) with ``key=value`` overrides applied."""
+    raw: dict = dict(base or {})
     if path is not None:
         raw = load_yaml_file(path, what=what) or {}
         if not isinstance(raw, dict):

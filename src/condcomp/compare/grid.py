@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from condcomp.config import ConfigError, RunConfig, from_dict
+from condcomp.config import ConfigError, RunConfig, from_dict, resolve_file_paths
 from condcomp.settings import apply_override, load_yaml_file
 from condcomp.train.pretrained_init import resolve_init
 
@@ -44,12 +44,12 @@ def _load_mapping(value, where: Path, what: str) -> dict:
         path = (where / value) if not Path(value).is_absolute() else Path(value)
         if not path.is_file():
             raise ConfigError(f"{what}: config file not found: {path}")
-        return load_yaml_file(path) or {}
+        return resolve_file_paths(load_yaml_file(path) or {}, path.resolve().parent)
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise ConfigError(f"{what}: expected a mapping or a config path, got {type(value).__name__}")
-    return json.loads(json.dumps(value))  # deep copy
+    return resolve_file_paths(json.loads(json.dumps(value)), where.resolve())  # a deep copy; paths as in the grid
 
 
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:

@@ -16,7 +16,7 @@ import torch
 from condcomp.convert.coda import ConvertError
 from condcomp.convert.hf import PACKAGED_DECODERS, load_dense_state, model_config_from_hf
 from condcomp.convert.pretrained import PretrainedError
-from condcomp.settings import ConfigError, from_dict, read_yaml
+from condcomp.settings import ConfigError, from_dict
 from condcomp.train import checkpoint as ckpt
 
 # Keys that fix the weights' shapes and meaning: taken from the pretrained model.
@@ -107,9 +107,9 @@ def _same_scaling(a, b) -> bool:
 def load_run_config(path=None, overrides: list[str] | None = None):
     """``condcomp.config.load_config`` with ``model.init`` resolved: read YAML, apply overrides, fill
     the pretrained shape, validate."""
-    from condcomp.config import RunConfig
+    from condcomp.config import RunConfig, read_run_yaml
 
-    return from_dict(RunConfig, resolve_init(read_yaml(path, overrides)))
+    return from_dict(RunConfig, resolve_init(read_run_yaml(path, overrides)))
 
 
 def load_init_weights(model, init: str) -> str:
