@@ -208,3 +208,29 @@ def test_relative_paths_in_a_config_file_are_relative_to_the_file(tmp_path, text
     cfg = load_config(folder / "c.yaml", ["data.cache_dir=cache"])
     assert cfg.data.source == str((folder / "corpus.txt").resolve())
     assert cfg.run_dir == "runs/x" and cfg.data.cache_dir == "cache"  # outputs and --set: working directory
+
+
+def test_resume_without_a_config_uses_the_runs_own_and_names_a_changed_key(tiny_config, tmp_path, capsys):
+    cfg = tiny_config("own-config", **{"model.d_model": 48, "train.steps": 4, "train.checkpoint_every": 2})
+    Trainer(cfg).train(until=2)
+    assert main(["train", "--resume", "--run-dir", str(cfg.run_dir)]) == 0  # d_model 48 read from the run
+    assert "finished step 4" in capsys.readouterr().out
+    other = tmp_path / "other.yaml"
+    other.write_text("model: {d_model: 64}\n")
+    assert main(["train", "--config", str(other), "--resume", "--run-dir", str(cfg.run_dir),
+                 "--set", "train.steps=6"]) == 2
+    assert "model.d_model: 48 -> 64" in capsys.readouterr().err
+
+
+def test_config_show_version_and_help_defaults(capsys):
+    assert main(["config", "--show", "--set", "model.ffn=moe", "--set", "model.moe.k=2"]) == 0
+    import yaml
+
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["model"]["ffn"] == "moe" and shown["model"]["moe"]["k"] == 2 and shown["train"]["lr"] == 3e-3
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("condcomp ")
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    assert "(default: 40)" in capsys.readouterr().out

@@ -23,7 +23,13 @@ def _train(args) -> int:
         overrides.append(f"run_dir={args.run_dir}")
     if args.init:
         overrides.append(f"model.init={args.init}")
-    cfg = load_run_config(args.config, overrides)
+    config = args.config
+    if args.resume and config is None:
+        # Resuming without a config: continue with the one the run was started with.
+        run_dir = Path(args.run_dir or _run_dir_from(overrides) or "runs/default")
+        if (run_dir / "config.json").is_file():
+            config = run_dir / "config.json"
+    cfg = load_run_config(config, overrides)
     from condcomp.distributed import shutdown
 
     finished = False
@@ -36,6 +42,23 @@ def _train(args) -> int:
     if trainer.rt.is_main:
         val = "n/a" if result.val_bpb is None else f"{result.val_bpb:.4f}"
         print(f"finished step {result.step}: val {val} bits/byte; run folder {result.run_dir}")
+    return 0
+
+
+def _run_dir_from(overrides: list[str]) -> str | None:
+    for assignment in reversed(overrides):
+        if assignment.startswith("run_dir="):
+            return assignment.split("=", 1)[1]
+    return None
+
+
+def _config(args) -> int:
+    import yaml
+
+    from condcomp.train.pretrained_init import load_run_config
+
+    cfg = load_run_config(args.config, list(args.set or []))
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0
 
 
@@ -156,8 +179,14 @@ def _number(kind, *, minimum=None, strictly: bool = False):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from condcomp import __version__
+
     p = argparse.ArgumentParser(prog="condcomp", description="Conditional computation for Transformers.")
+    p.add_argument("--version", action="version", version=f"condcomp {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    # Every sub-command's --help shows each option's default.
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **k)
 
     t = sub.add_parser("train", help="train a model from a YAML config (under torchrun: on every rank)")
     t.add_argument("--config", help="YAML file with model/data/train sections (default: the built-in defaults)")
@@ -165,25 +194,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="text file or folder to train on (default: the config's data.source)")
     t.add_argument("--run-dir", help="where checkpoints and metrics go (default: the config's run_dir)")
     t.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
-                   help="continue the run from its newest checkpoint, or from the checkpoint folder given")
+                   help="continue the run from its newest checkpoint, or from the checkpoint folder given; "
+                        "without --config, with the config the run was started with")
     t.add_argument("--init", metavar="MODEL", help="start from pretrained weights: a Hugging Face model folder, "
                    "a packaged model (smollm2) or a condcomp run folder (same as --set model.init=MODEL)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="bits per byte of a checkpoint on a split")
     e.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
-    e.add_argument("--split", default="val", choices=("train", "val", "test"))
+    e.add_argument("--split", default="val", choices=("train", "val", "test"), help="which split")
     e.add_argument("--data", help="evaluate on this text instead of the training source")
     e.add_argument("--batches", type=_number(int, minimum=1), default=64, help="evaluation batches (>= 1)")
     e.set_defaults(func=_eval)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint")
     s.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
-    s.add_argument("--prompt", default="def ")
+    s.add_argument("--prompt", default="def ", help="text to continue")
     s.add_argument("--length", type=_number(int, minimum=1), default=300, help="tokens (bytes) to generate")
     s.add_argument("--temperature", type=_number(float, minimum=0.0), default=0.8, help="0 = greedy")
-    s.add_argument("--top-k", type=_number(int, minimum=1), default=40)
-    s.add_argument("--seed", type=_number(int, minimum=0), default=0)
+    s.add_argument("--top-k", type=_number(int, minimum=1), default=40, help="sample among the k likeliest tokens")
+    s.add_argument("--seed", type=_number(int, minimum=0), default=0, help="random seed of the sampling")
     s.set_defaults(func=_sample)
 
     c = sub.add_parser("compare", help="train a grid of variants under equal compute and write a report")
@@ -210,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("checkpoint", help="run folder or checkpoint folder")
     ex.add_argument("--out", required=True, help="the Hugging Face model folder to write (must not exist or be empty)")
     ex.set_defaults(func=_export)
+
+    cf = sub.add_parser("config", help="print the resolved config (defaults filled in, overrides applied)")
+    cf.add_argument("--show", action="store_true", help="print it (the default and only action)")
+    cf.add_argument("--config", help="YAML file (default: the built-in defaults)")
+    cf.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    cf.set_defaults(func=_config)
 
     ls = sub.add_parser("techniques", help="list every technique a config can name, its settings, and whether it is causal")
     ls.add_argument("--json", action="store_true", help="machine-readable output")

@@ -53,6 +53,18 @@ class TrainingInterrupted(TrainingError):
 lr_factor = warmup_cosine
 
 
+def _changed_keys(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """Key paths whose values differ between two config mappings: "model.d_model: 256 -> 512"."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_changed_keys(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-byte cross-entropy in nats. logits [b, t, v], targets [b, t]."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -271,8 +283,10 @@ class Trainer:
         path = self._usable_checkpoint(existing) if resume is True else ckpt.resolve_checkpoint(resume)
         saved = config_from_saved(ckpt.read_config(path))
         if saved.model != self.cfg.model:
-            raise TrainingError(f"checkpoint {path} was trained with a different model config; "
-                                "resume with the config it was saved with")
+            changed = _changed_keys(saved.model.to_dict(), self.cfg.model.to_dict(), "model.")
+            raise TrainingError(f"checkpoint {path} was trained with a different model config ({', '.join(changed[:4])}"
+                                f"{' ...' if len(changed) > 4 else ''}); resume with the config it was saved with, "
+                                "or leave --config out to use the run's own")
         state = ckpt.load_checkpoint(path, self.model)
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
