@@ -234,3 +234,21 @@ def test_config_show_version_and_help_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
     assert "(default: 40)" in capsys.readouterr().out
+
+
+def test_a_data_folder_skips_links_out_of_it_and_binary_files_and_says_so(tmp_path, text_file, capsys):
+    from condcomp.data import load_corpus
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"part{i}.txt").write_text(text_file.read_text()[i * 20000:(i + 1) * 20000])
+    secret = tmp_path / "secret.txt"
+    secret.write_text("PRIVATE " * 1000)
+    (folder / "link.txt").symlink_to(secret)
+    (folder / "inside_link.txt").symlink_to(folder / "part0.txt")
+    (folder / "image.bin").write_bytes(bytes(range(256)) * 10)
+    corpus = load_corpus(str(folder), cache_dir=tmp_path / "cache")
+    everything = b"".join(bytes(corpus.split(s)) for s in ("train", "val", "test"))
+    assert b"PRIVATE" not in everything and corpus.num_files == 4  # three parts and the link inside
+    assert corpus.skipped == 2 and "2 binary files or links out of the folder skipped" in corpus.description

@@ -49,6 +49,7 @@ class Corpus:
     num_files: int
     token_bytes: dict[str, np.ndarray] | None = None
     tokenizer: str = "bytes"
+    skipped: int = 0  # files of a folder that were left out (binary, or links out of the folder)
 
     def bytes_of(self, name: str) -> np.ndarray | None:
         """Bytes per token of a split, or None for a byte-level corpus (one each)."""
@@ -102,15 +103,19 @@ def _user_files(source: Path) -> tuple[list[Path], list[Path]]:
     if not source.is_dir():
         raise DataError(f"data path is neither a file nor a folder: {source}")
     text, binary = [], []
-    for dirpath, dirnames, filenames in os.walk(source):
+    root = source.resolve()
+    for dirpath, dirnames, filenames in os.walk(source):  # does not descend into linked folders
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if name.startswith(".") or not path.is_file() or path.stat().st_size == 0:
                 continue
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                binary.append(path)  # a link out of the folder is not part of it: skipped, and reported
+                continue
             (binary if _looks_binary(path) else text).append(path)
     if not text:
-        extra = f" ({len(binary)} binary files skipped, e.g. {binary[0]})" if binary else ""
+        extra = f" ({len(binary)} binary files or links out of the folder skipped, e.g. {binary[0]})" if binary else ""
         raise DataError(f"data folder {source} has no non-empty text files{extra}")
     return text, binary
 
@@ -162,8 +167,9 @@ def load_corpus(source: str = "stdlib", *, val_fraction: float = 0.05, test_frac
         n = meta["sizes"][s]
         arrays[s] = np.memmap(folder / f"{s}.bin", dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, np.uint8)
     if skipped:
-        description += f" ({len(skipped)} binary files skipped)"
-    return Corpus(description=description, num_files=len(files), **arrays)
+        description += (f" ({len(skipped)} binary files or links out of the folder skipped, e.g. "
+                        f"{skipped[0].relative_to(root)})")
+    return Corpus(description=description, num_files=len(files), skipped=len(skipped), **arrays)
 
 
 def _build_cache(folder: Path, files: list[Path], rel: list[str], val_fraction: float,

@@ -83,7 +83,7 @@ def tokenize_corpus(corpus: Corpus, tokenizer, *, name: str, cache_dir: str | Pa
         nbytes[s] = np.memmap(folder / f"{s}.bytes", dtype=np.uint16, mode="r", shape=(n,)) if n else np.zeros(0, np.uint16)
     return Corpus(train=ids["train"], val=ids["val"], test=ids["test"],
                   description=f"{corpus.description}, tokenized with {name}", num_files=corpus.num_files,
-                  token_bytes=nbytes, tokenizer=name)
+                  token_bytes=nbytes, tokenizer=name, skipped=corpus.skipped)
 
 
 def _build(folder: Path, corpus: Corpus, tokenizer, dtype, name: str) -> None:

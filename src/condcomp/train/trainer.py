@@ -162,6 +162,8 @@ class Trainer:
                                 f"evenly among the {self.rt.world_size} ranks; use a multiple of {self.rt.world_size}")
         torch.manual_seed(tc.seed)  # the same on every rank: identical initial weights
         self.corpus, self.tokenizer = load_run_corpus(cfg)
+        if self.corpus.skipped and self.rt.is_main:
+            print(f"data: {self.corpus.description}")
         unit = "bytes" if self.tokenizer is None else "tokens"
         for split in ("train", "val"):
             if len(self.corpus.split(split)) < cfg.model.seq_len + 1:
