@@ -42,7 +42,7 @@ def test_folder_reads_text_and_skips_binary(tmp_path):
     c = load_corpus(str(folder), cache_dir=tmp_path / "cache")
     total = len(c.train) + len(c.val) + len(c.test)
     assert total == sum((folder / f"{i}.txt").stat().st_size for i in range(3))
-    assert "1 binary files skipped" in c.description
+    assert "1 binary files or links out of the folder skipped, e.g. image.bin" in c.description
 
 
 @pytest.mark.parametrize("content, message", [
