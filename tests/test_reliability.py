@@ -252,3 +252,18 @@ def test_a_data_folder_skips_links_out_of_it_and_binary_files_and_says_so(tmp_pa
     everything = b"".join(bytes(corpus.split(s)) for s in ("train", "val", "test"))
     assert b"PRIVATE" not in everything and corpus.num_files == 4  # three parts and the link inside
     assert corpus.skipped == 2 and "2 binary files or links out of the folder skipped" in corpus.description
+
+
+def test_plot_draws_curves_and_loads_of_several_runs(tiny_config, tmp_path, capsys):
+    dense = tiny_config("p-dense", **{"train.steps": 4, "train.eval_every": 2})
+    moe = tiny_config("p-moe", **{"train.steps": 4, "train.eval_every": 2, "model.ffn": "moe",
+                                  "model.moe.num_experts": 4})
+    Trainer(dense).train()
+    Trainer(moe).train()
+    assert main(["plot", dense.run_dir, moe.run_dir, "--out", str(tmp_path / "plots")]) == 0
+    for name in ("loss.png", "val.png", "loads-p-moe.png", "index.html"):
+        assert (tmp_path / "plots" / name).stat().st_size > 1000, name
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "p-dense" in page
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err

@@ -52,6 +52,15 @@ def _run_dir_from(overrides: list[str]) -> str | None:
     return None
 
 
+def _plot(args) -> int:
+    from condcomp.compare.plot import plot_runs
+
+    out = args.out or str(Path(args.run_dirs[0]).parent / "plots")
+    page = plot_runs(args.run_dirs, out)
+    print(f"plots of {len(args.run_dirs)} run(s): {page}")
+    return 0
+
+
 def _config(args) -> int:
     import yaml
 
@@ -242,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("checkpoint", help="run folder or checkpoint folder")
     ex.add_argument("--out", required=True, help="the Hugging Face model folder to write (must not exist or be empty)")
     ex.set_defaults(func=_export)
+
+    pl = sub.add_parser("plot", help="loss and validation curves (and routing loads) of runs, as PNGs and a page")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by condcomp train")
+    pl.add_argument("--out", help="output folder (default: plots/ beside the first run)")
+    pl.set_defaults(func=_plot)
 
     cf = sub.add_parser("config", help="print the resolved config (defaults filled in, overrides applied)")
     cf.add_argument("--show", action="store_true", help="print it (the default and only action)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    from condcomp.compare.plot import PlotError
     from condcomp.convert import ConvertError, PretrainedError
     from condcomp.data import DataError
     from condcomp.distributed import DistributedError
@@ -14,4 +15,4 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from condcomp.train import CheckpointError, TrainingError
 
     return (ConfigError, DataError, CheckpointError, TrainingError, ConvertError, PretrainedError, DistributedError,
-            RegistryError, RoutingError)
+            RegistryError, RoutingError, PlotError)

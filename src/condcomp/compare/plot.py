@@ -1,0 +1,110 @@
+"""``condcomp plot RUN_DIR...``: training and validation curves of one or several runs, and the expert
+or token loads of routed models, from their own metrics.jsonl; a PNG per figure and a small HTML page.
+
+    condcomp plot runs/dense runs/moe-top2 --out runs/plots     # -> runs/plots/index.html
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from pathlib import Path
+
+from condcomp.train.metrics_log import MetricsLog
+
+
+class PlotError(ValueError):
+    """A run folder has nothing to plot; the message names it."""
+
+
+def _runs(run_dirs: list[str | Path]) -> dict[str, list[dict]]:
+    runs = {}
+    for d in run_dirs:
+        path = Path(d)
+        records = MetricsLog(path / "metrics.jsonl").read()
+        if not records:
+            raise PlotError(f"{path}: no metrics.jsonl with records; give run folders written by condcomp train")
+        name = path.name
+        while name in runs:
+            name += "'"
+        runs[name] = records
+    return runs
+
+
+def _loads(records: list[dict]) -> dict[str, list[float]]:
+    """Per routed layer, its mean tokens per expert/group over the logged steps (from the metrics
+    named <layer>...tokens_per_expert)."""
+    sums: dict[str, list[float]] = {}
+    counts: dict[str, int] = {}
+    for r in records:
+        for k, v in r.items():
+            if k.endswith("tokens_per_expert") and isinstance(v, list):
+                acc = sums.setdefault(k, [0.0] * len(v))
+                if len(acc) == len(v):
+                    sums[k] = [a + b for a, b in zip(acc, v)]
+                    counts[k] = counts.get(k, 0) + 1
+    return {k.removesuffix(".tokens_per_expert"): [x / counts[k] for x in v] for k, v in sums.items()}
+
+
+def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
+    """Write loss.png, val.png, loads-<run>.png (routed runs) and index.html into out_dir; return the page."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = _runs(run_dirs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures: list[tuple[str, Path]] = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, records in runs.items():
+        steps = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        if steps:
+            ax.plot(*zip(*steps), label=name)
+    ax.set(xlabel="step", ylabel="training loss (nats/token)", title="Training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png")
+    plt.close(fig)
+    figures.append(("Training loss", out / "loss.png"))
+
+    if any("val_bpb" in r for records in runs.values() for r in records):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, records in runs.items():
+            points = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name)
+        ax.set(xlabel="step", ylabel="validation bits/byte", title="Validation")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "val.png")
+        plt.close(fig)
+        figures.append(("Validation bits/byte", out / "val.png"))
+
+    for name, records in runs.items():
+        loads = _loads(records)
+        if not loads:
+            continue
+        fig, axes = plt.subplots(1, len(loads), figsize=(3.2 * len(loads), 3), squeeze=False)
+        for ax, (layer, load) in zip(axes[0], loads.items()):
+            ax.bar(range(len(load)), load)
+            ax.set(title=layer, xlabel="expert / group", ylabel="mean tokens per step")
+        fig.suptitle(f"{name}: routing loads")
+        fig.tight_layout()
+        fname = out / f"loads-{name.replace(chr(39), '_')}.png"
+        fig.savefig(fname)
+        plt.close(fig)
+        figures.append((f"{name}: routing loads", fname))
+
+    parts = [f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,"
+             f"{base64.b64encode(path.read_bytes()).decode()}'>" for title, path in figures]
+    page = out / "index.html"
+    tmp = page.with_suffix(".tmp")
+    tmp.write_text("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>condcomp plot</title>"
+                   "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%}</style>"
+                   f"</head><body><h1>condcomp plot: {html.escape(', '.join(runs))}</h1>{''.join(parts)}</body></html>")
+    os.replace(tmp, page)
+    return page
