@@ -214,7 +214,7 @@ def test_saved_model_round_trips_without_pickle(tmp_path):
                     label_names=["a", "b", "c"]).eval()
     randomise_adapters(model)
     save_converted(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["coda.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coda.json", "manifest.json", "model.safetensors"]
     loaded, tokenizer, meta = load_converted(tmp_path, with_tokenizer=False)
     ids, mask = random_batch()
     with torch.no_grad():
@@ -353,3 +353,73 @@ def test_cli_trains_a_coda_model_on_a_user_csv_above_chance_and_evaluates_it(tmp
     line = capsys.readouterr().out
     accuracy = float(line.split("accuracy ")[1].split()[0])
     assert accuracy > 0.8, line
+
+
+def test_a_damaged_converted_folder_is_refused_by_name(tmp_path):
+    model = convert(tiny_bert(), method="coda", reduction=2)
+    save_converted(model, tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ConvertError, match="does not match its SHA-256"):
+        load_converted(tmp_path / "m", with_tokenizer=False)
+    weights.write_bytes(bytes(data[: len(data) // 3]))
+    with pytest.raises(ConvertError, match="truncated"):
+        load_converted(tmp_path / "m", with_tokenizer=False)
+    save_converted(model, tmp_path / "n")
+    (tmp_path / "n" / "manifest.json").unlink()  # an older folder without a manifest...
+    (tmp_path / "n" / "coda.json").write_text("{not json")
+    with pytest.raises(ConvertError, match="coda.json is corrupted"):  # ...still gets a clear message
+        load_converted(tmp_path / "n", with_tokenizer=False)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "good", "label": 1}\n{"text": "bad", "label": \n', "line 2: not valid JSON"),
+    ('{"text": "good", "label": 1}\n[1, 2]\n', "line 2: expected a JSON object"),
+    ('{"text": "good", "label": 1}\n{"text": 5, "label": 0}\n', "row 2: 'text' must be non-empty text"),
+    ('{"text": "good", "label": 1}\n{"text": "x", "label": [0]}\n', "row 2: 'label' must be a string or an integer"),
+])
+def test_malformed_jsonl_is_named_with_its_line(tmp_path, content, message):
+    from condcomp.data import DataError
+    from condcomp.data.labelled import load_labelled
+
+    path = tmp_path / "task.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_labelled(str(path), "train")
+
+
+def test_a_binary_csv_is_refused(tmp_path):
+    from condcomp.data import DataError
+    from condcomp.data.labelled import load_labelled
+
+    path = tmp_path / "task.csv"
+    path.write_bytes(b"\xff\xfe\x00\x01" * 100)
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        load_labelled(str(path), "train")
+
+
+@pytest.mark.slow
+def test_the_same_seed_trains_the_same_coda_model_bit_for_bit(tmp_path):
+    rows = [("the striker scored a goal", "sport"), ("simmer the onions in butter", "food")] * 40
+    path = tmp_path / "t.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label")] + [(f"{t} {i}", y) for i, (t, y) in enumerate(rows)])
+    outs = []
+    for run in ("a", "b", "c"):
+        seed = "7" if run != "c" else "8"
+        out = tmp_path / run
+        assert main(["coda", "train", "--task", str(path), "--steps", "4", "--batch-size", "4", "--max-length", "16",
+                     "--precision", "fp32", "--seed", seed, "--val-examples", "4", "--out", str(out)]) == 0
+        outs.append((out / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]  # same seed: identical weights (new routers, adapters and head included)
+    assert outs[0] != outs[2]
+
+
+def test_max_length_beyond_the_models_positions_is_refused_before_training(tmp_path, capsys):
+    path = tmp_path / "t.csv"
+    path.write_text("text,label\n" + "".join(f"word {i},{i % 2}\n" for i in range(40)))
+    assert main(["coda", "train", "--task", str(path), "--max-length", "100000", "--out", str(tmp_path / "o")]) == 2
+    assert "exceeds the 512 positions" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -267,3 +267,14 @@ def test_plot_draws_curves_and_loads_of_several_runs(tiny_config, tmp_path, caps
     assert page.count("data:image/png;base64,") == 3 and "p-dense" in page
     assert main(["plot", str(tmp_path / "nothing")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_the_metrics_log_stays_valid_json_with_non_finite_numbers(tmp_path):
+    from condcomp.train.metrics_log import MetricsLog
+
+    log = MetricsLog(tmp_path / "m.jsonl")
+    log.reset()
+    log.append({"step": 1, "grad_norm": float("inf"), "loss": float("nan"), "loads": [1.0, float("-inf")]})
+    line = (tmp_path / "m.jsonl").read_text()
+    assert "Infinity" not in line and "NaN" not in line
+    assert json.loads(line) == {"step": 1, "grad_norm": None, "loss": None, "loads": [1.0, None]}

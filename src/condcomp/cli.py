@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from importlib import resources
 from pathlib import Path
 
+from condcomp.cli_args import number
 from condcomp.config import ConfigError
 
 
@@ -172,23 +172,6 @@ def _techniques(args) -> int:
     return 0
 
 
-def _number(kind, *, minimum=None, strictly: bool = False, maximum=None):
-    """An argparse type: a finite ``kind`` (int or float) >= minimum (> minimum when strictly), <= maximum."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        if minimum is not None and (value <= minimum if strictly else value < minimum):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strictly else '>='} {minimum}, got {text}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {text}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     from condcomp import __version__
 
@@ -215,16 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     e.add_argument("--split", default="val", choices=("train", "val", "test"), help="which split")
     e.add_argument("--data", help="evaluate on this text instead of the training source")
-    e.add_argument("--batches", type=_number(int, minimum=1, maximum=10**7), default=64, help="evaluation batches (>= 1)")
+    e.add_argument("--batches", type=number(int, minimum=1, maximum=10**7), default=64, help="evaluation batches (>= 1)")
     e.set_defaults(func=_eval)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint")
     s.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     s.add_argument("--prompt", default="def ", help="text to continue")
-    s.add_argument("--length", type=_number(int, minimum=1, maximum=10**7), default=300, help="tokens (bytes) to generate")
-    s.add_argument("--temperature", type=_number(float, minimum=0.0), default=0.8, help="0 = greedy")
-    s.add_argument("--top-k", type=_number(int, minimum=1), default=40, help="sample among the k likeliest tokens")
-    s.add_argument("--seed", type=_number(int, minimum=0, maximum=2**63 - 1), default=0, help="random seed of the sampling")
+    s.add_argument("--length", type=number(int, minimum=1, maximum=10**7), default=300, help="tokens (bytes) to generate")
+    s.add_argument("--temperature", type=number(float, minimum=0.0), default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=number(int, minimum=1), default=40, help="sample among the k likeliest tokens")
+    s.add_argument("--seed", type=number(int, minimum=0, maximum=2**63 - 1), default=0, help="random seed of the sampling")
     s.set_defaults(func=_sample)
 
     c = sub.add_parser("compare", help="train a grid of variants under equal compute and write a report")
@@ -244,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch = cvsub.add_parser("hf", help="a Hugging Face Llama-family decoder -> a condcomp checkpoint folder")
     ch.add_argument("source", help="a Hugging Face model folder or a packaged model (smollm2)")
     ch.add_argument("--out", required=True, help="the condcomp run folder to write")
-    ch.add_argument("--seq-len", type=_number(int, minimum=2, maximum=10**7), help="cap the context (default: the model's)")
+    ch.add_argument("--seq-len", type=number(int, minimum=2, maximum=10**7), help="cap the context (default: the model's)")
     ch.set_defaults(func=_convert_hf)
 
     ex = sub.add_parser("export", help="a condcomp checkpoint -> a Hugging Face model folder (Llama or Mixtral)")

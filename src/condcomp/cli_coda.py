@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from condcomp.cli_args import number
 from condcomp.config import ConfigError
 
 
@@ -29,6 +30,13 @@ def _train(args) -> int:
     train = load_labelled(args.task, "train", **columns).take(args.train_examples)
     val = load_labelled(args.task, "val", **columns).take(args.val_examples)
     base, tokenizer = load_encoder(args.model)
+    positions = getattr(base.config, "max_position_embeddings", None)
+    if positions is not None and args.max_length > positions:
+        raise ConfigError(f"--max-length {args.max_length} exceeds the {positions} positions of {args.model}; "
+                          f"use --max-length {positions} or less")
+    import torch
+
+    torch.manual_seed(args.seed)  # the new weights (routers, adapters, head) come from the seed
     model = convert(base, method=args.method, reduction=args.reduction, adapter_dim=args.adapter_dim,
                     layers=_layers(args.layers), num_labels=len(train.label_names), label_names=train.label_names,
                     base_model=args.model, max_length=args.max_length, dropout=args.dropout)
@@ -87,21 +95,22 @@ def add_parser(sub) -> None:
     t = csub.add_parser("train", help="convert a pretrained encoder and train it on a classification task")
     t.add_argument("--task", default="rt", help="rt (Rotten Tomatoes), bbc (BBC News), or a .csv/.jsonl file")
     t.add_argument("--method", default="coda", choices=("coda", "adapter", "probe", "finetune"))
-    t.add_argument("--reduction", "-r", type=int, default=4, help="CoDA r: each layer computes n/r tokens")
-    t.add_argument("--adapter-dim", type=int, default=64)
+    t.add_argument("--reduction", "-r", type=number(int, minimum=1, maximum=4096), default=4, help="CoDA r: each layer computes n/r tokens")
+    t.add_argument("--adapter-dim", type=number(int, minimum=1, maximum=65536), default=64, help="adapter width")
     t.add_argument("--layers", default="all", help="layers to convert: all, or indices such as 0,2,4")
     t.add_argument("--model", default="minilm", help="packaged model name or a Hugging Face model folder")
-    t.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are cut)")
-    t.add_argument("--steps", type=int, default=300)
-    t.add_argument("--distill-steps", type=int, default=0,
+    t.add_argument("--max-length", type=number(int, minimum=2, maximum=1 << 20), default=128, help="tokens per example (longer ones are cut)")
+    t.add_argument("--steps", type=number(int, minimum=1, maximum=10**9), default=300, help="training steps")
+    t.add_argument("--distill-steps", type=number(int, minimum=0, maximum=10**9), default=0,
                    help="CoDA only: first train routers and adapters this many steps to reproduce the dense model")
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--batch-size", type=number(int, minimum=1, maximum=1 << 16), default=16, help="examples per step")
+    t.add_argument("--lr", type=number(float, minimum=0.0, strictly=True), default=1e-3, help="peak learning rate")
     t.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=number(int, minimum=0, maximum=2**63 - 1), default=0,
+                   help="seeds the new weights (routers, adapters, head) and the batches: same seed, same run")
     t.add_argument("--dropout", action="store_true", help="keep the pretrained layers' dropout on in training")
-    t.add_argument("--train-examples", type=int, help="use only the first N training examples")
-    t.add_argument("--val-examples", type=int, help="validate on only the first N examples")
+    t.add_argument("--train-examples", type=number(int, minimum=1), help="use only the first N training examples")
+    t.add_argument("--val-examples", type=number(int, minimum=1), help="validate on only the first N examples")
     t.add_argument("--text-column", default="text")
     t.add_argument("--label-column", default="label")
     t.add_argument("--out", help="run folder (default runs/coda-<task>-<method>); re-run to resume")

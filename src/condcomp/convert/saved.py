@@ -1,12 +1,15 @@
 """Converted models on disk: safetensors weights + JSON configs + tokenizer files.
 
 A folder holds ``model.safetensors`` (every weight, pretrained ones included, so it needs nothing
-else), ``coda.json`` (the CodaConfig and the base model's Hugging Face config) and the tokenizer.
-Loading builds the modules from the JSON and fills them from safetensors: no pickle, no code runs.
+else), ``coda.json`` (the CodaConfig and the base model's Hugging Face config), the tokenizer, and
+``manifest.json`` (SHA-256 and size of the weights and coda.json, as LM checkpoints have). Loading
+checks the manifest, then builds the modules from the JSON and fills them from safetensors: no
+pickle, no code runs, and a flipped byte or a truncated file is refused by name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -17,7 +20,15 @@ from safetensors.torch import load_file, save_file
 
 from condcomp.convert.coda import CodaClassifier, CodaConfig, ConvertError, convert
 
-WEIGHTS, CONFIG = "model.safetensors", "coda.json"
+WEIGHTS, CONFIG, MANIFEST = "model.safetensors", "coda.json", "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_converted(model: CodaClassifier, folder: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
@@ -28,6 +39,9 @@ def save_converted(model: CodaClassifier, folder: str | Path, tokenizer=None, ex
     meta = {"coda": model.config.to_dict(), "base_config": model.base_config.to_dict(), "extra": extra or {}}
     _atomic(folder / WEIGHTS, lambda p: save_file(state, str(p)))
     _atomic(folder / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    manifest = {name: {"sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size}
+                for name in (WEIGHTS, CONFIG)}
+    _atomic(folder / MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
@@ -47,12 +61,39 @@ def _atomic(target: Path, write) -> None:
             os.unlink(tmp)
 
 
+def verify_folder(folder: str | Path) -> None:
+    """Check the weights and coda.json against manifest.json (folders saved before manifests existed
+    have none and are read as they are)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ConvertError(f"{path} is corrupted (not JSON); save the model again") from None
+    for name, entry in manifest.items():
+        f = folder / name
+        if not f.is_file():
+            raise ConvertError(f"{folder} is incomplete: {name} is missing")
+        if f.stat().st_size != entry["bytes"]:
+            raise ConvertError(f"{f} has {f.stat().st_size} bytes, expected {entry['bytes']} (truncated?)")
+        if _sha256(f) != entry["sha256"]:
+            raise ConvertError(f"{f} does not match its SHA-256 in {MANIFEST}: the file is corrupted")
+
+
 def read_meta(folder: str | Path) -> dict:
     path = Path(folder) / CONFIG
     if not path.is_file():
         raise ConvertError(f"{folder} is not a converted model folder: {CONFIG} is missing "
                            "(make one with `condcomp coda train --out FOLDER`)")
-    return json.loads(path.read_text())
+    verify_folder(folder)
+    try:
+        meta = json.loads(path.read_text())
+        meta["coda"], meta["base_config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConvertError(f"{path} is corrupted or not a condcomp model description ({e}); save the model again") from None
+    return meta
 
 
 def load_converted(folder: str | Path, *, with_tokenizer: bool = True):
@@ -65,7 +106,10 @@ def load_converted(folder: str | Path, *, with_tokenizer: bool = True):
     model = convert(base, CodaConfig.from_dict(meta["coda"]))
     if not (folder / WEIGHTS).is_file():
         raise ConvertError(f"{folder / WEIGHTS} is missing; the folder is incomplete")
-    state = load_file(str(folder / WEIGHTS))
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise ConvertError(f"{folder / WEIGHTS} cannot be read ({' '.join(str(e).split())[:200]})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConvertError(f"{folder} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -101,20 +101,47 @@ def _bbc_news(split: str) -> LabelledText:
     return LabelledText(texts, labels, names, f"BBC News articles, {split}")
 
 
+def _read_rows(path: Path) -> list[dict]:
+    """Rows of a .csv or .jsonl file; a line that cannot be read is named with its number."""
+    try:
+        if path.suffix == ".csv":
+            with open(path, encoding="utf-8", newline="") as f:
+                return list(csv.DictReader(f))
+        if path.suffix in (".jsonl", ".json"):
+            rows = []
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}, line {number}: not valid JSON ({e.msg}); each line must be one "
+                                    "object such as {\"text\": ..., \"label\": ...}") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+            return rows
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); give a text .csv or .jsonl") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
+    raise DataError(f"{path}: expected a .csv or .jsonl file with text and label columns")
+
+
 def _user_file(path: Path, split: str, text_column: str, label_column: str) -> LabelledText:
-    if path.suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-    elif path.suffix in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        raise DataError(f"{path}: expected a .csv or .jsonl file with text and label columns")
+    rows = _read_rows(path)
     if not rows:
         raise DataError(f"{path} holds no rows")
     for column in (text_column, label_column):
         if column not in rows[0]:
             raise DataError(f"{path} has no column {column!r} (columns: {sorted(rows[0])}); "
                             "name the right ones with --text-column / --label-column")
+    for number, row in enumerate(rows, 1):
+        text, label = row.get(text_column), row.get(label_column)
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}, row {number}: {text_column!r} must be non-empty text, got {text!r}")
+        if label is None or isinstance(label, (dict, list, float)):
+            raise DataError(f"{path}, row {number}: {label_column!r} must be a string or an integer, got {label!r}")
     names = sorted({str(r[label_column]) for r in rows})
     if len(names) < 2:
         raise DataError(f"{path}: column {label_column!r} has a single value; classification needs two or more")

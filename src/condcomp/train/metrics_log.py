@@ -10,8 +10,19 @@ the comparison report. One writer and one reader, so every consumer agrees on wh
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 class MetricsLog:
@@ -24,9 +35,10 @@ class MetricsLog:
         self.path.write_text("")
 
     def append(self, record: dict) -> None:
-        """Add one record; each line is flushed whole, so a crash cuts at most the last line."""
+        """Add one record; each line is flushed whole, so a crash cuts at most the last line. A
+        non-finite number is written as null: JSON has no NaN or Infinity, and readers must parse it."""
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(_finite(record), allow_nan=False) + "\n")
 
     def read(self) -> list[dict]:
         """Every complete record in order; reading stops at a line cut by a crash."""

@@ -1,0 +1,23 @@
+"""Argument types shared by the command-line modules: numbers checked at the boundary."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def number(kind, *, minimum=None, strictly: bool = False, maximum=None):
+    """An argparse type: a finite ``kind`` (int or float) >= minimum (> minimum when strictly), <= maximum."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if minimum is not None and (value <= minimum if strictly else value < minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strictly else '>='} {minimum}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {text}")
+        return value
+    return parse
