@@ -278,3 +278,22 @@ def test_the_metrics_log_stays_valid_json_with_non_finite_numbers(tmp_path):
     line = (tmp_path / "m.jsonl").read_text()
     assert "Infinity" not in line and "NaN" not in line
     assert json.loads(line) == {"step": 1, "grad_norm": None, "loss": None, "loads": [1.0, None]}
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from condcomp.cli import build_parser
+
+    missing = []
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, prefix + [name])
+            elif action.help is None:
+                missing.append(" ".join(prefix + [action.option_strings[0] if action.option_strings else action.dest]))
+
+    walk(build_parser(), ["condcomp"])
+    assert not missing, missing
