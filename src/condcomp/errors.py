@@ -5,7 +5,6 @@ from __future__ import annotations
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from condcomp.compare.plot import PlotError
     from condcomp.convert import ConvertError, PretrainedError
     from condcomp.data import DataError
     from condcomp.distributed import DistributedError
@@ -15,4 +14,4 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from condcomp.train import CheckpointError, TrainingError
 
     return (ConfigError, DataError, CheckpointError, TrainingError, ConvertError, PretrainedError, DistributedError,
-            RegistryError, RoutingError, PlotError)
+            RegistryError, RoutingError)

@@ -11,10 +11,11 @@ import html
 import os
 from pathlib import Path
 
+from condcomp.data import DataError
 from condcomp.train.metrics_log import MetricsLog
 
 
-class PlotError(ValueError):
+class PlotError(DataError):
     """A run folder has nothing to plot; the message names it."""
 
 
