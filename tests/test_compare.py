@@ -169,3 +169,14 @@ def test_a_variant_that_fails_names_itself_and_the_grid_stops_cleanly(tmp_path, 
     with pytest.raises(TrainingError, match="training variant moe failed .exit 2.*run the same compare command"):
         run_grid(grid, tmp_path / "out", infer_time=0.05, log=lambda *_: None)
     assert (tmp_path / "out" / "variants" / "dense" / "result.json").is_file()  # the finished one is kept
+
+
+def test_every_shipped_grid_loads():
+    from importlib import resources
+
+    root = Path(__file__).resolve().parent.parent
+    grids = [Path(str(resources.files("condcomp") / "configs" / "grid-demo.yaml"))] + \
+        sorted((root / "configs" / "grids").glob("*.yaml"))
+    for path in grids:
+        grid = load_grid(path)
+        assert grid.variants, path

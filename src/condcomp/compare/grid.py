@@ -27,7 +27,8 @@ from condcomp.settings import apply_override, load_yaml_file
 from condcomp.train.pretrained_init import resolve_init
 
 
-SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# A variant name becomes one folder under --out: one path component, nothing hidden or special.
+SAFE_NAME = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]{0,99}")
 
 
 @dataclass
@@ -77,8 +78,9 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
         raise ConfigError(f"{path}: the grid has no variants (a mapping of name -> {{config, set}})")
     for name in variants_raw:
         if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or name in (".", ".."):
-            raise ConfigError(f"variants: {name!r} is not a usable variant name; it names a folder under --out, so use "
-                              "letters, digits, '.', '_' and '-' only (no '/', no leading '.')")
+            raise ConfigError(f"variants: {name!r} is not a usable variant name: it names a folder under --out, so it "
+                              "must be one path component (no '/' or '\\', not starting with '.', at most 100 "
+                              "characters)")
     common = list(raw.get("common") or []) + list(overrides or [])
     variants = {}
     for name, spec in variants_raw.items():
