@@ -124,6 +124,31 @@ def _convert_hf(args) -> int:
     return 0
 
 
+def _upcycle(args) -> int:
+    from condcomp.convert.upcycle import upcycle
+    from condcomp.layers import MoE
+    from condcomp.train import checkpoint as ckpt
+    from condcomp.train.pretrained_init import run_tokenizer, save_imported
+
+    source = Path(args.source)
+    if source.is_dir() and ((source / "checkpoints").is_dir() or (source / "manifest.json").is_file()):
+        from condcomp.train import load_model
+
+        dense, cfg = load_model(ckpt.resolve_checkpoint(source))
+        _, tokenizer = run_tokenizer(cfg.data)
+    else:
+        from condcomp.convert.hf import from_hf
+
+        dense, tokenizer = from_hf(args.source, seq_len=args.seq_len)
+    moe = upcycle(dense, num_experts=args.experts, k=args.k, every=args.every, router=args.router,
+                  capacity_factor=args.capacity_factor, noise=args.noise, seed=args.seed)
+    path = save_imported(moe, tokenizer, args.out, source=f"upcycled from {args.source}")
+    print(f"upcycled {args.source}: {sum(isinstance(b.ffn, MoE) for b in moe.blocks)} MoE layers of "
+          f"{args.experts} experts, {moe.num_parameters() / 1e6:.1f}M parameters; checkpoint in {path}\n"
+          f"  condcomp train --init {args.out} --set train.lr=1e-4 ...")
+    return 0
+
+
 def _export(args) -> int:
     from condcomp.convert.hf import to_hf
     from condcomp.train import load_model
@@ -245,6 +270,23 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--config", help="YAML file (default: the built-in defaults)")
     cf.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     cf.set_defaults(func=_config)
+
+    up = sub.add_parser("upcycle", help="sparse upcycling: a dense model's FFNs -> MoEs of copies (same output at step 0)")
+    up.add_argument("--from", dest="source", required=True,
+                    help="a condcomp run or checkpoint folder, a Hugging Face folder, or smollm2")
+    up.add_argument("--experts", type=number(int, minimum=1, maximum=4096), required=True, help="experts per MoE layer")
+    up.add_argument("--k", type=number(int, minimum=1, maximum=4096), default=2, help="experts per token (top_k)")
+    up.add_argument("--every", type=number(int, minimum=1, maximum=4096), default=1,
+                    help="upcycle layer i when (i + 1) %% every == 0")
+    up.add_argument("--router", choices=("top_k", "expert_choice"), default="top_k", help="routing of the new MoEs")
+    up.add_argument("--capacity-factor", type=number(float, minimum=0.0, strictly=True),
+                    help="top_k: expert capacity (default dropless); expert_choice: default 2.0")
+    up.add_argument("--noise", type=number(float, minimum=0.0, maximum=1.0), default=0.0,
+                    help="multiplicative noise on each expert's copy, so experts can diverge")
+    up.add_argument("--seed", type=number(int, minimum=0, maximum=2**63 - 1), default=0, help="seeds router and noise")
+    up.add_argument("--seq-len", type=number(int, minimum=2, maximum=10**7), help="cap the context of a HF model")
+    up.add_argument("--out", required=True, help="the condcomp run folder to write")
+    up.set_defaults(func=_upcycle)
 
     ls = sub.add_parser("techniques", help="list every technique a config can name, its settings, and whether it is causal")
     ls.add_argument("--json", action="store_true", help="machine-readable output")

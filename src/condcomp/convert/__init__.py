@@ -6,7 +6,8 @@ from condcomp.convert.coda import (METHODS, AdapterLayer, CodaClassifier, CodaCo
 from condcomp.convert.pretrained import DEFAULT_MODEL, PACKAGED_MODELS, PretrainedError, load_encoder, model_path
 from condcomp.convert.hf import from_hf, to_hf
 from condcomp.convert.saved import load_converted, save_converted
+from condcomp.convert.upcycle import upcycle
 
 __all__ = ["METHODS", "AdapterLayer", "CodaClassifier", "CodaConfig", "CodaLayer", "ConvertError", "DEFAULT_MODEL",
            "PACKAGED_MODELS", "ParallelAdapter", "PretrainedError", "convert", "from_hf", "load_converted",
-           "load_encoder", "model_path", "save_converted", "to_hf"]
+           "load_encoder", "model_path", "save_converted", "to_hf", "upcycle"]
