@@ -27,6 +27,7 @@ VARIANTS = {
     "skip, every layer, target rate 0.5": {"block": "skip", "skip": {"every": 1, "target_rate": 0.5}},
     "MoD, every 2nd layer, capacity 0.125": {"block": "mod", "mod": {"every": 2, "capacity": 0.125}},
     "MoD, every 2nd layer, capacity 0.5": {"block": "mod", "mod": {"every": 2, "capacity": 0.5}},
+    "upcycled: every 2nd FFN -> 4 experts, top-2 dropless": "upcycle",
 }
 
 
@@ -57,10 +58,15 @@ def main() -> None:
     dense_bpb = None
     for label, overrides in VARIANTS.items():
         torch.manual_seed(0)
-        model, _ = from_hf(hf, seq_len=512, overrides=overrides)
+        if overrides == "upcycle":
+            from condcomp.convert import upcycle
+
+            model = upcycle(from_hf(hf, seq_len=512)[0], num_experts=4, k=2, every=2).eval()
+        else:
+            model, _ = from_hf(hf, seq_len=512, overrides=overrides)
         fractions = []
         hooks = [m.register_forward_hook(lambda mod, a, r: fractions.append(float(r.metrics["fraction_selected"])))
-                 for name, m in model.named_modules() if name.endswith(".router")]
+                 for name, m in model.named_modules() if name.endswith(".router") and "ffn" not in name]
         r = evaluate_split(model, corpus.val, batch_size=4, max_batches=max(1, args.windows // 4), precision="bf16",
                            token_bytes=corpus.bytes_of("val"))
         for h in hooks:
