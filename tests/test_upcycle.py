@@ -90,3 +90,20 @@ def test_upcycle_on_the_command_line_then_train_from_it(tiny_config, tmp_path, c
     assert main(args) == 0
     assert main(["upcycle", "--from", str(out), "--experts", "4", "--out", str(tmp_path / "again")]) == 2
     assert "needs a dense model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ffn", ["swiglu", "gelu"])
+@pytest.mark.parametrize("granularity, experts, k", [(2, 8, 2), (4, 8, 1), (4, 16, 3)])
+def test_fine_grained_upcycling_also_equals_the_dense_model_at_step_0(ffn, granularity, experts, k):
+    base = dense(ffn).eval()
+    moe = upcycle(base, num_experts=experts, k=k, granularity=granularity).eval()
+    layer = moe.blocks[0].ffn
+    assert layer.router.k == k * granularity and layer.experts.d_ff == base.cfg.ffn_hidden // granularity
+    x = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x).logits, base(x).logits, rtol=1e-12, atol=1e-12)
+
+
+def test_granularity_must_divide_the_experts_and_the_hidden_size():
+    with pytest.raises(ConvertError, match="granularity must be >= 1 and divide num_experts=6"):
+        upcycle(dense(), num_experts=6, k=1, granularity=4)

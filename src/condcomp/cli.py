@@ -141,7 +141,8 @@ def _upcycle(args) -> int:
 
         dense, tokenizer = from_hf(args.source, seq_len=args.seq_len)
     moe = upcycle(dense, num_experts=args.experts, k=args.k, every=args.every, router=args.router,
-                  capacity_factor=args.capacity_factor, noise=args.noise, seed=args.seed)
+                  capacity_factor=args.capacity_factor, noise=args.noise, seed=args.seed,
+                  granularity=args.granularity)
     path = save_imported(moe, tokenizer, args.out, source=f"upcycled from {args.source}")
     print(f"upcycled {args.source}: {sum(isinstance(b.ffn, MoE) for b in moe.blocks)} MoE layers of "
           f"{args.experts} experts, {moe.num_parameters() / 1e6:.1f}M parameters; checkpoint in {path}\n"
@@ -283,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="top_k: expert capacity (default dropless); expert_choice: default 2.0")
     up.add_argument("--noise", type=number(float, minimum=0.0, maximum=1.0), default=0.0,
                     help="multiplicative noise on each expert's copy, so experts can diverge")
+    up.add_argument("--granularity", type=number(int, minimum=1, maximum=4096), default=1,
+                    help="fine-grained experts: cut each FFN into G segments (k counts whole FFNs)")
     up.add_argument("--seed", type=number(int, minimum=0, maximum=2**63 - 1), default=0, help="seeds router and noise")
     up.add_argument("--seq-len", type=number(int, minimum=2, maximum=10**7), help="cap the context of a HF model")
     up.add_argument("--out", required=True, help="the condcomp run folder to write")

@@ -23,13 +23,18 @@ from condcomp.convert.coda import ConvertError
 
 
 def upcycle(model, *, num_experts: int, k: int = 2, every: int = 1, router: str = "top_k",
-            capacity_factor: float | None = None, noise: float = 0.0, seed: int = 0):
+            capacity_factor: float | None = None, noise: float = 0.0, seed: int = 0, granularity: int = 1):
     """A new Transformer whose every ``every``-th FFN (layer i with (i + 1) % every == 0) is an MoE of
     ``num_experts`` copies of the dense FFN; everything else is copied unchanged.
 
     router: "top_k" (k experts per token, renormalised gates, ``capacity_factor`` None = dropless) or
         "expert_choice" (per-position, capacity_factor default 2.0; no step-0 equality: each token
         gets as many experts as chose it).
+    granularity: G > 1 makes fine-grained experts: the FFN's hidden units are cut into G segments and
+        each of the num_experts / G copies becomes G experts of d_ff / G units; the router picks k * G
+        of them, so a token's active compute is still k dense FFNs. Each segment's down projection is
+        scaled by G and the G segments of a copy start with the same router row, so the top-(k G)
+        choice takes whole copies and step 0 still equals the dense model (tested).
     """
     from condcomp.config import ModelConfig, from_dict
     from condcomp.models import Transformer
@@ -47,11 +52,18 @@ def upcycle(model, *, num_experts: int, k: int = 2, every: int = 1, router: str 
         raise ConvertError(f"every must be between 1 and the {cfg.n_layers} layers, got {every}")
     if noise < 0:
         raise ConvertError(f"noise must be >= 0, got {noise}")
+    G = granularity
+    if G < 1 or num_experts % G or cfg.ffn_hidden % G:
+        raise ConvertError(f"granularity must be >= 1 and divide num_experts={num_experts} and the FFN's hidden size "
+                           f"{cfg.ffn_hidden}, got {granularity}")
+    if G > 1 and router != "top_k":
+        raise ConvertError("granularity > 1 is for top_k routing (the router picks k * granularity segments)")
+    d_ff_expert = cfg.ffn_hidden // G
     section = copy.deepcopy(cfg.to_dict())
     section["ffn"] = "moe"
     section["init"] = None
-    section["moe"] = {"num_experts": num_experts, "router": router, "k": k, "activation": cfg.ffn,
-                      "d_ff": cfg.ffn_hidden, "moe_every": every, "renormalize": True,
+    section["moe"] = {"num_experts": num_experts, "router": router, "k": k * G, "activation": cfg.ffn,
+                      "d_ff": d_ff_expert, "moe_every": every, "renormalize": True,
                       "capacity_factor": capacity_factor if router == "top_k" else (capacity_factor or 2.0)}
     new_cfg = from_dict(ModelConfig, section, prefix="model.")
     dtype = next(model.parameters()).dtype
@@ -69,12 +81,19 @@ def upcycle(model, *, num_experts: int, k: int = 2, every: int = 1, router: str 
             if (i + 1) % every:
                 continue
             dense_ffn = model.blocks[i].ffn
-            up = dense_ffn.up.weight.t()      # [d, width]
+            up = dense_ffn.up.weight.t()      # [d, width]: (gate | up) for swiglu
             down = dense_ffn.down.weight.t()  # [d_ff, d]
+            halves = up.chunk(2, dim=1) if cfg.ffn == "swiglu" else (up,)
             experts = block.ffn.experts
             for e in range(num_experts):
-                scale_up = 1 + noise * torch.randn(up.shape, generator=generator, dtype=torch.float64).to(dtype)
-                scale_down = 1 + noise * torch.randn(down.shape, generator=generator, dtype=torch.float64).to(dtype)
-                experts.up[e].copy_(up * scale_up if noise else up)
-                experts.down[e].copy_(down * scale_down if noise else down)
+                seg = slice((e % G) * d_ff_expert, (e % G + 1) * d_ff_expert)
+                seg_up = torch.cat([h[:, seg] for h in halves], dim=1)
+                seg_down = down[seg] * G
+                scale_up = 1 + noise * torch.randn(seg_up.shape, generator=generator, dtype=torch.float64).to(dtype)
+                scale_down = 1 + noise * torch.randn(seg_down.shape, generator=generator, dtype=torch.float64).to(dtype)
+                experts.up[e].copy_(seg_up * scale_up if noise else seg_up)
+                experts.down[e].copy_(seg_down * scale_down if noise else seg_down)
+            if G > 1:  # the segments of one copy share a router row, so top-(k G) takes whole copies
+                gate = block.ffn.router.gate.weight
+                gate.copy_(gate[::G].repeat_interleave(G, dim=0))
     return moe_model.train(model.training)
