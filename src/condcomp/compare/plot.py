@@ -60,30 +60,23 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, Path]] = []
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, records in runs.items():
-        steps = [(r["step"], r["loss"]) for r in records if "loss" in r]
-        if steps:
-            ax.plot(*zip(*steps), label=name)
-    ax.set(xlabel="step", ylabel="training loss (nats/token)", title="Training loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss.png")
-    plt.close(fig)
-    figures.append(("Training loss", out / "loss.png"))
-
-    if any("val_bpb" in r for records in runs.values() for r in records):
+    curves = [("loss", "training loss (nats/token)", "Training loss", {}),
+              ("val_bpb", "validation bits/byte", "Validation bits/byte", {"marker": "o"})]
+    for key, ylabel, title, style in curves:
+        series = {name: [(r["step"], r[key]) for r in records if key in r] for name, records in runs.items()}
+        if not any(series.values()):
+            continue
         fig, ax = plt.subplots(figsize=(7, 4))
-        for name, records in runs.items():
-            points = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
+        for name, points in series.items():
             if points:
-                ax.plot(*zip(*points), marker="o", label=name)
-        ax.set(xlabel="step", ylabel="validation bits/byte", title="Validation")
+                ax.plot(*zip(*points), label=name, **style)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "val.png")
+        path = out / ("loss.png" if key == "loss" else "val.png")
+        fig.savefig(path)
         plt.close(fig)
-        figures.append(("Validation bits/byte", out / "val.png"))
+        figures.append((title, path))
 
     for name, records in runs.items():
         loads = _loads(records)

