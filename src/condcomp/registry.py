@@ -59,10 +59,6 @@ class Technique:
     aux_loss_weights: dict[str, float] = field(default_factory=dict)
     validate: Callable[[Any], None] | None = None
 
-    @property
-    def key(self) -> str:
-        return f"{self.kind}: {self.name}"
-
 
 _TECHNIQUES: dict[str, dict[str, Technique]] = {kind: {} for kind in KINDS}
 _SECTIONS: dict[str, type] = {}
