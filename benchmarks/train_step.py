@@ -13,9 +13,9 @@ import argparse
 
 import torch
 import torch.utils.benchmark as tb
-from torch.utils.flop_counter import FlopCounterMode
 
 from condcomp.config import ModelConfig, TrainConfig
+from condcomp.flops import flop_counter
 from condcomp.models import Transformer
 from condcomp.train.optim import autocast, build_optimizer
 from condcomp.train.trainer import lm_loss
@@ -65,7 +65,7 @@ def main() -> None:
             y = torch.randint(0, 256, (args.batch, args.seq))
             step = step_fn(model, opt, x, y, precision)
             step()  # warm-up: allocates optimizer state
-            with FlopCounterMode(display=False) as fc:
+            with flop_counter() as fc:
                 step()
             flops = fc.get_total_flops()
             t = tb.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=args.min_run_time).median

@@ -107,3 +107,44 @@ def test_fine_grained_upcycling_also_equals_the_dense_model_at_step_0(ffn, granu
 def test_granularity_must_divide_the_experts_and_the_hidden_size():
     with pytest.raises(ConvertError, match="granularity must be >= 1 and divide num_experts=6"):
         upcycle(dense(), num_experts=6, k=1, granularity=4)
+
+
+def test_upcycling_chosen_layers_only():
+    base = dense().eval()
+    moe = upcycle(base, num_experts=4, k=2, layers=[0, 3]).eval()
+    assert [isinstance(b.ffn, MoE) for b in moe.blocks] == [True, False, False, True]
+    assert moe.cfg.moe.layers == [0, 3]
+    x = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x).logits, base(x).logits, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ConvertError, match=r"layers: expected distinct indices in 0\.\.3 .* got \[1, 4\]"):
+        upcycle(base, num_experts=4, k=2, layers=[1, 4])
+
+
+def test_an_upcycled_model_trains_expert_parallel_as_in_one_process(tiny_config, text_file, tmp_path):
+    """The upcycled checkpoint as model.init of a 2-rank expert-parallel run == one process on the
+    combined batch (dropless top-2, no aux losses: every token's treatment is its own)."""
+    from condcomp.train import Trainer
+
+    from conftest import tiny_overrides
+    from dist_workers import run_ranks
+    from test_distributed import NO_AUX, assert_same_training, train_single, train_worker
+
+    seed = tiny_config("seed", **{"train.steps": 3})
+    Trainer(seed).train()
+    from condcomp.train import load_model
+    from condcomp.train.pretrained_init import save_imported
+
+    dense_model, _ = load_model(seed.run_dir)
+    moe = upcycle(dense_model, num_experts=4, k=2)
+    save_imported(moe, None, tmp_path / "upcycled", source="test")
+    m = moe.cfg.moe
+    extra = {"model.ffn": "moe", "model.moe.num_experts": 4, "model.moe.k": 2, "model.moe.capacity_factor": "null",
+             "model.moe.activation": m.activation, "model.moe.d_ff": m.d_ff, "model.moe.renormalize": "true",
+             "model.init": str(tmp_path / "upcycled"), "train.steps": 4, "train.checkpoint_every": 4, **NO_AUX}
+    ranks = run_ranks(train_worker, 2, tmp_path / "spawn",
+                      tiny_overrides(text_file, tmp_path / "ep", tmp_path / "cache",
+                                     **extra, **{"train.expert_parallel": 2}), None, False)
+    single = train_single(tiny_overrides(text_file, tmp_path / "one", tmp_path / "cache", **extra))
+    for r in ranks:
+        assert_same_training(r, single, tol=2e-5)

@@ -140,7 +140,7 @@ def _upcycle(args) -> int:
         from condcomp.convert.hf import from_hf
 
         dense, tokenizer = from_hf(args.source, seq_len=args.seq_len)
-    moe = upcycle(dense, num_experts=args.experts, k=args.k, every=args.every, router=args.router,
+    moe = upcycle(dense, num_experts=args.experts, k=args.k, every=args.every, layers=args.layers, router=args.router,
                   capacity_factor=args.capacity_factor, noise=args.noise, seed=args.seed,
                   granularity=args.granularity)
     path = save_imported(moe, tokenizer, args.out, source=f"upcycled from {args.source}")
@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--k", type=number(int, minimum=1, maximum=4096), default=2, help="experts per token (top_k)")
     up.add_argument("--every", type=number(int, minimum=1, maximum=4096), default=1,
                     help="upcycle layer i when (i + 1) %% every == 0")
+    up.add_argument("--layers", type=number(int, minimum=0, maximum=10**6), nargs="+", metavar="I",
+                    help="upcycle exactly these layers (indices from 0) instead of --every")
     up.add_argument("--router", choices=("top_k", "expert_choice"), default="top_k", help="routing of the new MoEs")
     up.add_argument("--capacity-factor", type=number(float, minimum=0.0, strictly=True),
                     help="top_k: expert capacity (default dropless); expert_choice: default 2.0")
@@ -295,9 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=_techniques)
 
-    from condcomp import cli_coda
+    from condcomp import cli_bam, cli_coda
 
     cli_coda.add_parser(sub)
+    cli_bam.add_parser(sub)
     return p
 
 

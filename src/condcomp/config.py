@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from condcomp import registry
+from condcomp.data.domains import DOMAINS
 from condcomp.settings import ConfigError, Settings, from_dict, read_yaml, setting
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig", "config_from_saved", "from_dict",
@@ -163,7 +164,8 @@ class ModelConfig(Settings):
 class DataConfig(Settings):
     """Where the training text comes from and how it is split."""
 
-    source: str = setting("stdlib", help="'stdlib' (the running Python's standard library source) or a path to a text file or folder")
+    source: str = setting("stdlib", help="a named domain (stdlib: the running Python's standard library "
+                        "source; python-docs, kjv, bbc-news) or a path to a text file or folder")
     val_fraction: float = setting(0.05, gt=0.0, lt=0.5)
     test_fraction: float = setting(0.05, gt=0.0, lt=0.5)
     cache_dir: str | None = setting(None, help="default: $CONDCOMP_CACHE or ~/.cache/condcomp")
@@ -235,7 +237,7 @@ class RunConfig(Settings):
 # (as a grid's variant configs are to the grid); given with --set or --data, relative to the working
 # directory. Output folders (run_dir) are always relative to the working directory.
 FILE_RELATIVE_KEYS = (("data", "source"), ("data", "cache_dir"), ("data", "tokenizer"), ("model", "init"))
-NOT_PATHS = {"stdlib", "bytes"}
+NOT_PATHS = set(DOMAINS) | {"bytes"}
 
 
 def resolve_file_paths(raw: dict, base: Path) -> dict:

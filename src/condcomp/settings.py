@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import math
 import types
+import re
 import typing
 from dataclasses import field
 from pathlib import Path
@@ -237,6 +238,10 @@ def _construct_unique_mapping(loader, node, deep=False):
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+# YAML 1.1 (PyYAML) reads 1e-5 and 3e13 as strings: it wants a dot in a float. Read them as numbers
+# (YAML 1.2, and what JSON writes: a run's config.json holds norm_eps: 1e-05).
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def load_yaml_file(path: str | Path, *, what: str = "config") -> Any:
@@ -269,7 +274,7 @@ def apply_override(raw: dict, assignment: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: '{part}' is not a section")
     try:
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        node[parts[-1]] = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
     except yaml.YAMLError:
         raise ConfigError(f"--set {assignment!r}: the value is not valid YAML") from None
 

@@ -186,8 +186,8 @@ def hf_config_from_model(cfg) -> "object":
         problems.append(f"moe.activation: {m.activation} (Mixtral experts are SwiGLU)")
     if m.shared_expert_d_ff:
         problems.append("moe.shared_expert_d_ff (Mixtral has no shared expert)")
-    if m.moe_every != 1:
-        problems.append(f"moe.moe_every: {m.moe_every} (every Mixtral layer is MoE)")
+    if not all(m.is_moe_layer(i) for i in range(cfg.n_layers)):
+        problems.append("dense layers between the MoE ones (moe.moe_every / moe.layers; every Mixtral layer is MoE)")
     if not (m.renormalize if m.renormalize is not None else m.k > 1):
         problems.append("moe.renormalize: false (Mixtral always renormalises the top-k gates)")
     if cfg.qkv_bias:

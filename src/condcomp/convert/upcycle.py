@@ -22,10 +22,12 @@ import torch
 from condcomp.convert.coda import ConvertError
 
 
-def upcycle(model, *, num_experts: int, k: int = 2, every: int = 1, router: str = "top_k",
-            capacity_factor: float | None = None, noise: float = 0.0, seed: int = 0, granularity: int = 1):
-    """A new Transformer whose every ``every``-th FFN (layer i with (i + 1) % every == 0) is an MoE of
-    ``num_experts`` copies of the dense FFN; everything else is copied unchanged.
+def upcycle(model, *, num_experts: int, k: int = 2, every: int = 1, layers: list[int] | None = None,
+            router: str = "top_k", capacity_factor: float | None = None, noise: float = 0.0, seed: int = 0,
+            granularity: int = 1):
+    """A new Transformer whose chosen FFNs are each an MoE of ``num_experts`` copies of the dense FFN;
+    everything else is copied unchanged. The chosen layers: ``layers`` (indices from 0), else every
+    ``every``-th (layer i with (i + 1) % every == 0).
 
     router: "top_k" (k experts per token, renormalised gates, ``capacity_factor`` None = dropless) or
         "expert_choice" (per-position, capacity_factor default 2.0; no step-0 equality: each token
@@ -50,6 +52,12 @@ def upcycle(model, *, num_experts: int, k: int = 2, every: int = 1, router: str 
         raise ConvertError(f"k must be between 1 and num_experts={num_experts}, got {k}")
     if not 1 <= every <= cfg.n_layers:
         raise ConvertError(f"every must be between 1 and the {cfg.n_layers} layers, got {every}")
+    if layers is not None:
+        bad = [i for i in layers if not 0 <= i < cfg.n_layers]
+        if bad or not layers or len(set(layers)) != len(layers):
+            raise ConvertError(f"layers: expected distinct indices in 0..{cfg.n_layers - 1} (the model has "
+                               f"{cfg.n_layers} layers), got {list(layers)}")
+        layers = sorted(layers)
     if noise < 0:
         raise ConvertError(f"noise must be >= 0, got {noise}")
     G = granularity
@@ -63,7 +71,7 @@ def upcycle(model, *, num_experts: int, k: int = 2, every: int = 1, router: str 
     section["ffn"] = "moe"
     section["init"] = None
     section["moe"] = {"num_experts": num_experts, "router": router, "k": k * G, "activation": cfg.ffn,
-                      "d_ff": d_ff_expert, "moe_every": every, "renormalize": True,
+                      "d_ff": d_ff_expert, "moe_every": every, "layers": layers, "renormalize": True,
                       "capacity_factor": capacity_factor if router == "top_k" else (capacity_factor or 2.0)}
     new_cfg = from_dict(ModelConfig, section, prefix="model.")
     dtype = next(model.parameters()).dtype
@@ -78,7 +86,7 @@ def upcycle(model, *, num_experts: int, k: int = 2, every: int = 1, router: str 
             if key in dense_state and dense_state[key].shape == value.shape:
                 value.copy_(dense_state[key])
         for i, block in enumerate(moe_model.blocks):
-            if (i + 1) % every:
+            if not new_cfg.moe.is_moe_layer(i):
                 continue
             dense_ffn = model.blocks[i].ffn
             up = dense_ffn.up.weight.t()      # [d, width]: (gate | up) for swiglu

@@ -22,15 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from condcomp.data.domains import domain_path, is_domain
+from condcomp.data.errors import DataError
+
 SPLITS = ("train", "val", "test")
 _FORMAT_VERSION = 1
 # Folders under the stdlib that are not the library itself: tests and installed third-party code.
 _STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 _BINARY_SNIFF_BYTES = 8192
-
-
-class DataError(ValueError):
-    """The data source cannot be used; the message says which path and what to do."""
 
 
 @dataclass
@@ -137,10 +136,16 @@ def load_corpus(source: str = "stdlib", *, val_fraction: float = 0.05, test_frac
                 cache_dir: str | Path | None = None) -> Corpus:
     """Read (or reuse the cache of) a byte-level corpus.
 
-    source: "stdlib" or a path to a text file or folder.
+    source: "stdlib", another named domain (``condcomp.data.domains``: python-docs, kjv, bbc-news) or a
+        path to a text file or folder.
     Returns memory-mapped uint8 arrays; the cache key covers every file's path, size and mtime and
     the split fractions, so a changed source is re-read.
     """
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if is_domain(source):
+        named, source = source, domain_path(source, cache)
+    else:
+        named = None
     if source == "stdlib":
         root = stdlib_root()
         files = _stdlib_files(root)
@@ -151,13 +156,12 @@ def load_corpus(source: str = "stdlib", *, val_fraction: float = 0.05, test_frac
     else:
         root = Path(source).expanduser().resolve()
         files, skipped = _user_files(root)
-        description = str(root)
+        description = f"{named} ({root})" if named else str(root)
         if root.is_file():
             root = root.parent
     rel = [str(f.relative_to(root)) for f in files]
     stats = [(r, f.stat().st_size, f.stat().st_mtime_ns) for r, f in zip(rel, files)]
     key = hashlib.sha1(json.dumps([_FORMAT_VERSION, str(root), stats, val_fraction, test_fraction]).encode()).hexdigest()[:16]
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
     folder = cache / "corpora" / key
     if not (folder / "meta.json").is_file():
         _build_cache(folder, files, rel, val_fraction, test_fraction, description)

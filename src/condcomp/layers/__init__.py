@@ -2,7 +2,8 @@
 (``condcomp.layers.traits``): causal, selects_tokens, aux_loss_names, routed_parameters."""
 
 from condcomp.layers.attention import Attention
-from condcomp.layers.blocks import RecurrentBlock, TransformerBlock
+from condcomp.layers.attention_experts import AttentionExperts
+from condcomp.layers.blocks import ParallelBlock, RecurrentBlock, TransformerBlock
 from condcomp.layers.conditional import ConditionalAttention, ConditionalFeedForward, colt5_router
 from condcomp.layers.feedforward import FeedForward
 from condcomp.layers.info import LayerInfo
@@ -15,7 +16,7 @@ from condcomp.layers.selected_block import LayerSkip, MixtureOfDepths, SelectedB
 from condcomp.layers.sru import SRU, SRULayer, SRUpp, SRUppAttention
 from condcomp.layers.traits import ConditionalLayer, RoutedParameters
 
-__all__ = ["Attention", "ConditionalAttention", "ConditionalFeedForward", "ConditionalLayer", "FeedForward",
-           "KVCache", "LayerInfo", "LayerSkip", "LocalAttention", "MixtureOfDepths", "MoE", "ModelCache", "RMSNorm",
+__all__ = ["Attention", "AttentionExperts", "ConditionalAttention", "ConditionalFeedForward", "ConditionalLayer", "FeedForward",
+           "KVCache", "LayerInfo", "LayerSkip", "LocalAttention", "MixtureOfDepths", "MoE", "ModelCache", "ParallelBlock", "RMSNorm",
            "RecurrentBlock", "Rotary", "RoutedParameters", "SRU", "SRULayer", "SRUpp", "SRUppAttention",
            "SelectedBlock", "TransformerBlock", "colt5_router"]

@@ -69,10 +69,11 @@ class Attention(nn.Module):
         everything cached (incremental decoding)."""
         b, t, _ = x.shape
         q, k, v = self._project(x)
+        head_weights, info = self.head_weights(x)
         if positions is None and cache is None:
-            return self._contiguous(q, k, v, padding_mask), LayerInfo()
+            return self._contiguous(q, k, v, padding_mask, head_weights), info
         if positions is None and padding_mask is None and cache.uniform:
-            return self._decode_uniform(q, k, v, cache), LayerInfo()
+            return self._decode_uniform(q, k, v, cache, head_weights), info
         if positions is None:
             raise ValueError("a ragged key/value cache needs the tokens' positions")
         valid = torch.ones(b, t, dtype=torch.bool, device=x.device) if padding_mask is None else padding_mask
@@ -86,9 +87,21 @@ class Attention(nn.Module):
         # Padded queries attend everywhere: their rows are discarded, and a fully masked row would be NaN.
         mask = mask | ~valid[:, :, None]
         y = self._attend(q, k, v, mask[:, None])
-        return self.out(y.transpose(1, 2).reshape(b, t, -1)), LayerInfo()
+        return self._merge_heads(y, head_weights), info
 
-    def _decode_uniform(self, q, k, v, cache: KVCache) -> torch.Tensor:
+    def head_weights(self, x: torch.Tensor) -> tuple[torch.Tensor | None, LayerInfo]:
+        """Per-token weights of each query head's output, [b, t, n_heads], and the layer's info; plain
+        attention weighs every head 1 (None). Attention experts override this with their gates."""
+        return None, LayerInfo()
+
+    def _merge_heads(self, y: torch.Tensor, head_weights: torch.Tensor | None) -> torch.Tensor:
+        """y [b, heads, t, head_dim] -> the output projection of the concatenated (weighted) heads [b, t, d]."""
+        y = y.transpose(1, 2)  # [b, t, heads, head_dim]
+        if head_weights is not None:
+            y = y * head_weights.to(y.dtype)[..., None]
+        return self.out(y.reshape(*y.shape[:2], -1))
+
+    def _decode_uniform(self, q, k, v, cache: KVCache, head_weights=None) -> torch.Tensor:
         """Every sequence at the same position (cache.size): append by slicing, and mask only when a
         query could see a key after it (several new tokens on a non-empty cache)."""
         b, _, t, _ = q.shape
@@ -100,9 +113,9 @@ class Attention(nn.Module):
         if t > 1 and offset > 0:
             mask = torch.ones(t, offset + t, dtype=torch.bool, device=q.device).tril(diagonal=offset)
         y = self._attend(q, k_all, v_all, mask, is_causal=t > 1 and offset == 0)
-        return self.out(y.transpose(1, 2).reshape(b, t, -1))
+        return self._merge_heads(y, head_weights)
 
-    def _contiguous(self, q, k, v, padding_mask):
+    def _contiguous(self, q, k, v, padding_mask, head_weights=None):
         b, _, t, _ = q.shape
         q, k = self.rotary.apply(q), self.rotary.apply(k)
         mask = None
@@ -112,4 +125,4 @@ class Attention(nn.Module):
                 mask = mask & torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
             mask = mask | ~padding_mask[:, None, :, None]  # padded queries: see note in forward
         y = self._attend(q, k, v, mask, is_causal=self.causal and mask is None)
-        return self.out(y.transpose(1, 2).reshape(b, t, -1))
+        return self._merge_heads(y, head_weights)

@@ -41,24 +41,47 @@ class TransformerBlock(nn.Module):
     def supports_cache(self) -> bool:
         return bool(getattr(self.attn, "supports_cache", False))
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, cache: ModelCache | None = None):
-        info = LayerInfo()
+    def _attention(self, h: torch.Tensor, padding_mask, positions, cache: ModelCache | None):
+        """The attention layer on the normalised input h, with this block's slot of the cache."""
         kv = None
         if cache is not None:
             kv = cache.layer(f"layer{self.layer_idx}.attn")
             if positions is None and (padding_mask is not None or not kv.uniform):
                 # A ragged cache keeps per-sequence positions; a uniform one knows its own offset.
-                positions = (cache.offset + torch.arange(x.shape[1], device=x.device)).expand(x.shape[:2])
+                positions = (cache.offset + torch.arange(h.shape[1], device=h.device)).expand(h.shape[:2])
         if positions is None and kv is None:
-            y, attn_info = self.attn(self.attn_norm(x), padding_mask=padding_mask)
-        else:
-            y, attn_info = self.attn(self.attn_norm(x), padding_mask=padding_mask, positions=positions, cache=kv)
+            return self.attn(h, padding_mask=padding_mask)
+        return self.attn(h, padding_mask=padding_mask, positions=positions, cache=kv)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: ModelCache | None = None):
+        info = LayerInfo()
+        y, attn_info = self._attention(self.attn_norm(x), padding_mask, positions, cache)
         info.add("attn", attn_info)
         x = x + y
         y, ffn_info = self.ffn(self.ffn_norm(x), padding_mask=padding_mask)
         info.add("ffn", ffn_info)
         return x + y, info
+
+
+class ParallelBlock(TransformerBlock):
+    """x + attn(norm(x)) + ffn(norm(x)): attention and FFN read the same normalised input (GPT-J,
+    PaLM; BAM's seeds), one norm per block. Same interface and arguments as TransformerBlock; the
+    norm is ``attn_norm`` and there is no ``ffn_norm``."""
+
+    def __init__(self, *, d_model: int, attn: nn.Module, ffn: nn.Module, norm_eps: float = 1e-5, layer_idx: int = 0):
+        super().__init__(d_model=d_model, attn=attn, ffn=ffn, norm_eps=norm_eps, layer_idx=layer_idx)
+        del self.ffn_norm
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: ModelCache | None = None):
+        info = LayerInfo()
+        h = self.attn_norm(x)
+        y_attn, attn_info = self._attention(h, padding_mask, positions, cache)
+        info.add("attn", attn_info)
+        y_ffn, ffn_info = self.ffn(h, padding_mask=padding_mask)
+        info.add("ffn", ffn_info)
+        return x + y_attn + y_ffn, info
 
 
 class RecurrentBlock(nn.Module):

@@ -6,7 +6,7 @@ from torch import nn
 
 from condcomp import registry
 from condcomp.layers.attention import Attention
-from condcomp.layers.blocks import TransformerBlock
+from condcomp.layers.blocks import ParallelBlock, TransformerBlock
 from condcomp.layers.feedforward import FeedForward
 
 
@@ -28,13 +28,18 @@ def build_gelu(*, model, settings, layer_idx: int) -> nn.Module:
     return FeedForward(d_model=model.d_model, d_ff=model.ffn_hidden, activation="gelu", dropout=model.dropout)
 
 
-def transformer_block(*, model, layer_idx: int) -> TransformerBlock:
+def transformer_block(*, model, layer_idx: int, block_class: type = TransformerBlock) -> TransformerBlock:
     """The pre-norm block with the model's attention and ffn techniques (other blocks wrap it)."""
     attn = registry.build("attention", model.attention, model=model, layer_idx=layer_idx)
     ffn = registry.build("ffn", model.ffn, model=model, layer_idx=layer_idx)
-    return TransformerBlock(d_model=model.d_model, attn=attn, ffn=ffn, norm_eps=model.norm_eps, layer_idx=layer_idx)
+    return block_class(d_model=model.d_model, attn=attn, ffn=ffn, norm_eps=model.norm_eps, layer_idx=layer_idx)
 
 
 @registry.register("block", "transformer", summary="pre-norm block: x + attn(norm x), then + ffn(norm x)")
 def build_transformer_block(*, model, settings, layer_idx: int) -> nn.Module:
     return transformer_block(model=model, layer_idx=layer_idx)
+
+
+@registry.register("block", "parallel", summary="parallel block: x + attn(norm x) + ffn(norm x), one norm (GPT-J, PaLM; BAM)")
+def build_parallel_block(*, model, settings, layer_idx: int) -> nn.Module:
+    return transformer_block(model=model, layer_idx=layer_idx, block_class=ParallelBlock)

@@ -34,12 +34,22 @@ class MoESettings(Settings):
     activation: str = setting("gelu", choices=("gelu", "swiglu"))
     shared_expert_d_ff: int | None = setting(None, ge=1)
     moe_every: int = setting(1, ge=1, help="layer i is MoE when (i + 1) % moe_every == 0; others dense")
+    layers: list[int] | None = setting(None, help="the MoE layers by index (from 0), instead of moe_every")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` is an MoE (``layers`` if given, else every ``moe_every``-th)."""
+        if self.layers is not None:
+            return layer_idx in self.layers
+        return (layer_idx + 1) % self.moe_every == 0
 
     def check(self) -> None:
         if self.router == "top_k" and self.k > self.num_experts:
             raise ConfigError(f"k: {self.k} exceeds num_experts={self.num_experts}")
         if self.router == "expert_choice" and self.capacity_factor is None:
             raise ConfigError("capacity_factor: expert choice needs a number (2.0 = top-2 compute), not null")
+        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)
+                                        or min(self.layers) < 0):
+            raise ConfigError(f"layers: expected distinct layer indices >= 0, got {self.layers}")
 
     @property
     def causal(self) -> bool:
@@ -51,6 +61,9 @@ class MoESettings(Settings):
 
 def _validate(model) -> None:
     m = model.moe
+    if m.layers is not None and max(m.layers) >= model.n_layers:
+        raise ConfigError(f"moe.layers: layer {max(m.layers)} is out of range; the model has layers "
+                          f"0..{model.n_layers - 1}")
     if m.router == "expert_choice" and m.expert_choice_mode == "global":
         raise ConfigError(
             "moe.expert_choice_mode: 'global' expert choice ranks tokens against future positions, so a "
@@ -76,8 +89,9 @@ def build_router(*, d_model: int, settings: MoESettings):
                    causal=lambda model: model.moe.causal, activation=lambda model: model.moe.activation,
                    aux_loss_weights={"load_balance": 0.01, "z_loss": 0.001}, validate=_validate)
 def build(*, model, settings: MoESettings, layer_idx: int) -> nn.Module:
-    """MoE on every ``moe_every``-th layer, a dense FFN of the experts' activation between."""
-    if (layer_idx + 1) % settings.moe_every:
+    """MoE on the chosen layers (``layers``, or every ``moe_every``-th), a dense FFN of the experts'
+    activation elsewhere."""
+    if not settings.is_moe_layer(layer_idx):
         return FeedForward(d_model=model.d_model, d_ff=model.ffn_hidden, activation=settings.activation,
                            dropout=model.dropout)
     router = build_router(d_model=model.d_model, settings=settings)

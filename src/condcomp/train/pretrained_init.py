@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from condcomp import registry
+from condcomp.config import ModelConfig
 from condcomp.convert.coda import ConvertError
 from condcomp.convert.hf import load_dense_state, model_config_from_hf, pretrained_folder
 from condcomp.convert.pretrained import PretrainedError
@@ -73,7 +75,12 @@ def resolve_init(raw: dict) -> dict:
     if "seq_len" in model and model["seq_len"] > pretrained["seq_len"]:
         raise ConfigError(f"model.seq_len: {model['seq_len']} exceeds the pretrained model's "
                           f"{pretrained['seq_len']} (model.init: {init})")
-    for key in ("ffn", "moe"):  # a pretrained MoE stays one unless the config says otherwise
+    if "seq_len" not in model and "seq_len" in pretrained:
+        # The usual default, but never longer than the pretrained model's context.
+        merged["seq_len"] = min(pretrained["seq_len"], ModelConfig().seq_len)
+    # A pretrained MoE, attention-expert or parallel-block model stays one unless the config says
+    # otherwise: its techniques and their settings come along like its shape.
+    for key in ("block", "attention", "ffn", *registry.sections()):
         if key in pretrained and key not in model:
             merged[key] = pretrained[key]
     out["model"] = merged

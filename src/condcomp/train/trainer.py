@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from condcomp.config import RunConfig, config_from_saved
@@ -29,6 +28,7 @@ from condcomp.data import eval_batches, train_batch
 from condcomp.distributed import (DistributedError, Runtime, clip_grad_norm, full_experts, full_optimizer_state,
                                   ignore_in_ddp, init_distributed, reduce_expert_grads, shard_experts,
                                   shard_optimizer_state)
+from condcomp.flops import flop_counter
 from condcomp.layers.traits import aux_loss_names, selects_tokens
 from condcomp.models import Transformer
 from condcomp.routing import RoutingError
@@ -370,7 +370,7 @@ class Trainer:
         tc = self.cfg.train
         x, y = self.local_batch(self.step)
         count = self.step % tc.flops_every == 0
-        counter = FlopCounterMode(display=False) if count else contextlib.nullcontext()
+        counter = flop_counter() if count else contextlib.nullcontext()
         with counter:
             with autocast(tc.precision, self.rt.device.type):
                 try:
