@@ -180,3 +180,82 @@ def test_every_shipped_grid_loads():
     for path in grids:
         grid = load_grid(path)
         assert grid.variants, path
+
+
+STAGED_BUDGET = 1.5e9
+
+
+def test_grid_stages_build_once_and_charge_their_flops(text_file, tmp_path):
+    """A seed stage, an upcycled and a BAM stage built from it, variants starting from each and one from
+    scratch: every variant ends at the same total FLOPs, the stages' included, and a second run of the
+    grid rebuilds nothing."""
+    import torch
+
+    from condcomp.train import load_model
+
+    grid_path = tmp_path / "grid.yaml"
+    prose = tmp_path / "prose.txt"
+    prose.write_text("the quick brown fox jumps over the lazy dog. " * 800)
+    grid_path.write_text(textwrap.dedent(f"""\
+        name: staged
+        budget: {{flops: {STAGED_BUDGET}}}
+        base:
+          model: {{d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}}
+          data: {{source: {text_file}, cache_dir: {tmp_path / 'cache'}}}
+          train: {{batch_size: 4, warmup_steps: 2, eval_every: 10, eval_batches: 2, checkpoint_every: 10,
+                   log_every: 1, progress: false, precision: fp32}}
+        stages:
+          seed: {{train: {{set: [train.steps=6]}}}}
+          upcycled: {{upcycle: {{from: seed, experts: 4, k: 2}}}}
+          bam-ffn: {{bam: {{from: seed, domains: [{text_file}, {prose}], steps: 3, attention: none}}}}
+          bam-attn: {{bam: {{branches_of: bam-ffn, attention: soft}}}}
+        variants:
+          dense: {{set: [model.init=stage:seed]}}
+          upcycled: {{set: [model.init=stage:upcycled]}}
+          bam-attn: {{set: [model.init=stage:bam-attn]}}
+          scratch-moe: {{set: [model.ffn=moe, model.moe.num_experts=4, model.moe.k=2]}}
+        """))
+    out = tmp_path / "out"
+    results = run_grid(load_grid(grid_path), out, infer_time=0.05, log=lambda *_: None)
+    charges = json.loads((out / "stages" / "charges.json").read_text())
+    assert charges["upcycled"] == charges["seed"] > 0
+    assert charges["bam-attn"] == charges["bam-ffn"] > charges["seed"]  # the branches, shared, charged to both
+    assert not (out / "stages" / "bam-attn" / "branches").exists()
+    by_name = {r.name: r for r in results}
+    assert by_name["dense"].prior_flops == charges["seed"] and by_name["scratch-moe"].prior_flops == 0
+    assert by_name["bam-attn"].prior_flops == charges["bam-attn"]
+    for r in results:
+        assert abs(r.train_flops - STAGED_BUDGET) / STAGED_BUDGET < 0.1, r.name
+        assert r.curve[0]["total_flops"] > r.prior_flops
+    _, cfg = load_model(out / "variants" / "bam-attn")
+    assert cfg.model.attention == "experts" and cfg.model.moe.num_experts == 3
+    assert cfg.train.max_flops == pytest.approx(STAGED_BUDGET - charges["bam-attn"])
+    # The upcycled stage computes what the seed does.
+    seed, _ = load_model(out / "stages" / "seed")
+    upcycled, _ = load_model(out / "stages" / "upcycled")
+    x = torch.randint(0, 256, (2, 32))
+    torch.testing.assert_close(upcycled(x).logits, seed(x).logits, rtol=1e-5, atol=1e-5)
+    messages = []
+    run_grid(load_grid(grid_path), out, infer_time=0.05, log=messages.append)
+    assert sum("built earlier" in m for m in messages) == 4
+
+
+@pytest.mark.parametrize("stages, message", [
+    ("{up: {upcycle: {from: nowhere, experts: 4}}}", "stages.up.upcycle.from: must name an earlier stage"),
+    ("{s: {train: {}}, b: {bam: {from: s, steps: 2}}}", "stages.b.bam: domains .* and steps are required"),
+    ("{s: {train: {}}, b: {bam: {from: s, domains: [stdlib], steps: 2}}, c: {bam: {branches_of: b, steps: 3}}}",
+     r"stages.c.bam: \['steps'\] come from branches_of: b"),
+    ("{s: {fly: {}}}", "stages.s: expected exactly one of train"),
+])
+def test_bad_stages_fail_at_load(stages, message, text_file, tmp_path):
+    path = write_grid(tmp_path, text_file)
+    path.write_text(path.read_text() + f"stages: {stages}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_grid(path)
+
+
+def test_a_variant_naming_a_missing_stage_fails_at_load(text_file, tmp_path):
+    path = write_grid(tmp_path, text_file)
+    path.write_text(path.read_text().replace("dense: {}", "dense: {set: [model.init=stage:seed]}"))
+    with pytest.raises(ConfigError, match="variants.dense: model.init: stage:seed names no stage"):
+        load_grid(path)

@@ -127,19 +127,9 @@ def _convert_hf(args) -> int:
 def _upcycle(args) -> int:
     from condcomp.convert.upcycle import upcycle
     from condcomp.layers import MoE
-    from condcomp.train import checkpoint as ckpt
-    from condcomp.train.pretrained_init import run_tokenizer, save_imported
+    from condcomp.train.pretrained_init import load_model_source, save_imported
 
-    source = Path(args.source)
-    if source.is_dir() and ((source / "checkpoints").is_dir() or (source / "manifest.json").is_file()):
-        from condcomp.train import load_model
-
-        dense, cfg = load_model(ckpt.resolve_checkpoint(source))
-        _, tokenizer = run_tokenizer(cfg.data)
-    else:
-        from condcomp.convert.hf import from_hf
-
-        dense, tokenizer = from_hf(args.source, seq_len=args.seq_len)
+    dense, tokenizer = load_model_source(args.source, seq_len=args.seq_len)
     moe = upcycle(dense, num_experts=args.experts, k=args.k, every=args.every, layers=args.layers, router=args.router,
                   capacity_factor=args.capacity_factor, noise=args.noise, seed=args.seed,
                   granularity=args.granularity)

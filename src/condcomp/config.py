@@ -165,7 +165,8 @@ class DataConfig(Settings):
     """Where the training text comes from and how it is split."""
 
     source: str = setting("stdlib", help="a named domain (stdlib: the running Python's standard library "
-                        "source; python-docs, kjv, bbc-news) or a path to a text file or folder")
+                        "source; python-docs, kjv, bbc-news), a path to a text file or folder, "
+                        "or a mixture joined by '+' (stdlib+kjv)")
     val_fraction: float = setting(0.05, gt=0.0, lt=0.5)
     test_fraction: float = setting(0.05, gt=0.0, lt=0.5)
     cache_dir: str | None = setting(None, help="default: $CONDCOMP_CACHE or ~/.cache/condcomp")
@@ -248,6 +249,10 @@ def resolve_file_paths(raw: dict, base: Path) -> dict:
         node = out.get(section)
         value = node.get(key) if isinstance(node, dict) else None
         if not isinstance(value, str) or value in NOT_PATHS or Path(value).expanduser().is_absolute():
+            continue
+        if key == "source" and "+" in value and not (base / value).exists():  # a mixture: each part on its own
+            node[key] = "+".join(p if p in NOT_PATHS or Path(p).expanduser().is_absolute() else str((base / p).resolve())
+                                 for p in value.split("+"))
             continue
         candidate = base / value
         if key in ("tokenizer", "init") and not candidate.exists():

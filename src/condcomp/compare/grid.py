@@ -10,18 +10,22 @@ A grid file (YAML):
       dense: {}                                  # the base as is
       moe-top1: {set: [model.ffn=moe, model.moe.k=1]}
       mod: {config: ../mod.yaml, set: [...]}     # a whole config file instead of the base
+    stages: {...}                    # optional: models built first that variants start from
+                                     # (model.init: stage:NAME); see condcomp.compare.stages
 
-Every variant's config is built and validated when the grid loads, before anything trains.
+Every variant's config is built and validated when the grid loads, before anything trains (one that
+starts from a stage is validated again once the stage exists, with the stage's shape).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
+from condcomp.compare.stages import Stage, parse_stages, stage_of
 from condcomp.config import ConfigError, RunConfig, from_dict, resolve_file_paths
 from condcomp.settings import apply_override, load_yaml_file
 from condcomp.train.pretrained_init import resolve_init
@@ -38,6 +42,10 @@ class Grid:
     budget: float
     variants: dict[str, RunConfig]
     source: str = ""
+    stages: dict[str, Stage] = field(default_factory=dict)
+    # Variants that start from a stage: their raw config mapping (model.init still "stage:NAME"),
+    # built for real once the stage exists.
+    staged: dict[str, dict] = field(default_factory=dict)
 
 
 def _load_mapping(value, where: Path, what: str) -> dict:
@@ -59,9 +67,10 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
     raw = load_yaml_file(path, what="grid") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a grid is a mapping with name, budget, base, common and variants")
-    unknown = set(raw) - {"name", "budget", "base", "common", "variants"}
+    unknown = set(raw) - {"name", "budget", "base", "common", "variants", "stages"}
     if unknown:
-        raise ConfigError(f"{path}: unknown grid keys {sorted(unknown)}; valid: name, budget, base, common, variants")
+        raise ConfigError(f"{path}: unknown grid keys {sorted(unknown)}; valid: name, budget, base, common, variants, "
+                          "stages")
     budget = raw.get("budget") or {}
     if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("flops", "seconds"):
         raise ConfigError(f"{path}: budget must be {{flops: N}} (equal training FLOPs) or {{seconds: N}} "
@@ -82,7 +91,12 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
                               "must be one path component (no '/' or '\\', not starting with '.', at most 100 "
                               "characters)")
     common = list(raw.get("common") or []) + list(overrides or [])
-    variants = {}
+    stages = parse_stages(raw.get("stages"), lambda value, what: _load_mapping(
+        value if value is not None else raw.get("base"), path.parent, what), common)
+    for name in stages:
+        if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or name in (".", "..", "charges.json"):
+            raise ConfigError(f"stages: {name!r} is not a usable stage name (one path component, as variant names)")
+    variants, staged = {}, {}
     for name, spec in variants_raw.items():
         spec = spec or {}
         if not isinstance(spec, dict) or set(spec) - {"config", "set"}:
@@ -95,9 +109,19 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
         cfg["train"].pop("max_seconds", None)
         cfg["train"]["max_flops" if kind == "flops" else "max_seconds"] = amount
         cfg["train"]["steps"] = 10_000_000  # the budget decides when to stop (and drives the LR schedule)
+        stage = stage_of(cfg)
+        if stage is not None:
+            if stage not in stages:
+                raise ConfigError(f"variants.{name}: model.init: stage:{stage} names no stage; stages: "
+                                  f"{', '.join(stages) or 'none'}")
+            staged[name] = json.loads(json.dumps(cfg))
+            cfg["model"]["init"] = None  # the keys and values are checked now; the shape once the stage exists
         try:
             variants[name] = from_dict(RunConfig, resolve_init(cfg))
         except ConfigError as e:
             raise ConfigError(f"variants.{name}: {e}") from None
+    if stages and kind != "flops":
+        raise ConfigError(f"{path}: a grid with stages needs a FLOPs budget (the stages' FLOPs are charged to the "
+                          "variants built on them)")
     return Grid(name=str(raw.get("name") or path.stem), budget_kind=kind, budget=amount, variants=variants,
-                source=path.read_text())
+                source=path.read_text(), stages=stages, staged=staged)

@@ -183,6 +183,10 @@ def write_report(grid: Grid, results: list[VariantResult], out_dir: str | Path) 
     env = environment()
     seeds = sorted({grid.variants[r.name].train.seed for r in results if r.name in grid.variants})
     budget = f"{grid.budget:.3g} training {'FLOPs' if grid.budget_kind == 'flops' else 'seconds'} per variant"
+    charged = [f"{r.name} {r.prior_flops:.3g}" for r in results if r.prior_flops]
+    if charged:
+        budget += (", stages included: a variant that starts from a grid stage is charged that stage's training "
+                   f"FLOPs ({', '.join(charged)}) and trains for the rest")
 
     md = [f"# condcomp compare: {grid.name}", "",
           f"Budget: {budget} (equal for every variant). Seed(s): {seeds}. "

@@ -21,8 +21,10 @@ from pathlib import Path
 import yaml
 
 from condcomp.compare.grid import Grid
-from condcomp.config import RunConfig, config_from_saved
+from condcomp.compare.stages import build_stages, stage_model_dir, stage_of
+from condcomp.config import ConfigError, RunConfig, config_from_saved, from_dict
 from condcomp.train.metrics_log import MetricsLog
+from condcomp.train.pretrained_init import resolve_init
 from condcomp.train.trainer import TrainingError, TrainingInterrupted
 
 
@@ -42,6 +44,8 @@ class VariantResult:
     peak_rss_mib: float
     curve: list[dict] = field(default_factory=list)  # eval records: step, val_bpb, total_flops, train_seconds
     loads: dict[str, list[int]] = field(default_factory=dict)  # router name -> tokens per group
+    # Training FLOPs of the grid stages the variant starts from (included in train_flops and the curve).
+    prior_flops: float = 0.0
 
 
 def train_variant(config: dict) -> None:
@@ -106,8 +110,10 @@ def train_in_child(cfg: RunConfig, name: str) -> float:
     return peak.value
 
 
-def measure_variant(name: str, run_dir: Path, peak_rss_mib: float, *, infer_time: float = 1.0) -> VariantResult:
-    """Numbers of one finished run: read from its metrics.jsonl, measured on its final checkpoint."""
+def measure_variant(name: str, run_dir: Path, peak_rss_mib: float, *, infer_time: float = 1.0,
+                    prior_flops: float = 0.0) -> VariantResult:
+    """Numbers of one finished run: read from its metrics.jsonl, measured on its final checkpoint.
+    prior_flops: FLOPs of the stages it started from, added to its own (train_flops, the curve)."""
     from condcomp.bench.measure import inference_tokens_per_s
     from condcomp.compare.compute_map import active_parameters, trace_routing
     from condcomp.data import eval_batches, load_corpus
@@ -128,15 +134,34 @@ def measure_variant(name: str, run_dir: Path, peak_rss_mib: float, *, infer_time
         val_bpb=float(last["val_bpb"]),
         total_params=model.num_parameters(),
         active_params=active_parameters(model, traces),
-        train_flops=float(last["total_flops"]),
+        train_flops=float(last["total_flops"]) + prior_flops,
         train_seconds=float(last["train_seconds"]),
         steps=int(last["step"]),
         train_tokens_per_s=float(last["tokens"]) / max(float(last["train_seconds"]), 1e-9),
         infer_tokens_per_s=inference_tokens_per_s(model, corpus.val, cfg.train.precision, min_time=infer_time),
         peak_rss_mib=peak_rss_mib,
-        curve=[{k: r[k] for k in ("step", "val_bpb", "total_flops", "train_seconds")} for r in evals],
+        curve=[{"step": r["step"], "val_bpb": r["val_bpb"], "total_flops": r["total_flops"] + prior_flops,
+                "train_seconds": r["train_seconds"]} for r in evals],
         loads={tr.name: tr.group_sizes.tolist() for tr in traces},
+        prior_flops=prior_flops,
     )
+
+
+def _staged_config(grid: Grid, name: str, out: Path, charges: dict[str, float]) -> tuple[RunConfig, float]:
+    """A stage-based variant's real config (the stage's shape, its own budget: the grid's minus the
+    stage's FLOPs) and the FLOPs it is charged."""
+    raw = json.loads(json.dumps(grid.staged[name]))
+    stage = stage_of(raw)
+    raw["model"]["init"] = str(stage_model_dir(out, grid.stages, stage))
+    prior = charges[stage]
+    if prior >= grid.budget:
+        raise ConfigError(f"variants.{name}: stage {stage} alone used {prior:.3g} FLOPs, the whole budget of "
+                          f"{grid.budget:.3g}; raise budget.flops or shorten the stage")
+    raw["train"]["max_flops"] = grid.budget - prior
+    try:
+        return from_dict(RunConfig, resolve_init(raw)), prior
+    except ConfigError as e:
+        raise ConfigError(f"variants.{name}: {e}") from None
 
 
 def _write_json_atomic(path: Path, data) -> None:
@@ -154,6 +179,7 @@ def run_grid(grid: Grid, out_dir: str | Path, *, stop_after: int | None = None, 
     out = Path(out_dir)
     (out / "variants").mkdir(parents=True, exist_ok=True)
     (out / "grid.yaml").write_text(grid.source)
+    charges = build_stages(grid.stages, out, train=train_in_child, log=log) if grid.stages else {}
     results, trained, started = [], 0, time.perf_counter()
     names = list(grid.variants)
     for i, name in enumerate(names, 1):
@@ -165,7 +191,9 @@ def run_grid(grid: Grid, out_dir: str | Path, *, stop_after: int | None = None, 
             continue
         if stop_after is not None and trained >= stop_after:
             break
-        cfg = grid.variants[name]
+        cfg, prior = grid.variants[name], 0.0
+        if name in grid.staged:
+            cfg, prior = _staged_config(grid, name, out, charges)
         cfg.run_dir = str(vdir)
         vdir.mkdir(parents=True, exist_ok=True)
         config_path = vdir / "variant.yaml"
@@ -178,7 +206,7 @@ def run_grid(grid: Grid, out_dir: str | Path, *, stop_after: int | None = None, 
             eta = ""
         log(f"[{i}/{len(names)}] {name}: training to {grid.budget:.3g} {grid.budget_kind}{eta}")
         rss = train_in_child(cfg, name)
-        result = measure_variant(name, vdir, rss, infer_time=infer_time)
+        result = measure_variant(name, vdir, rss, infer_time=infer_time, prior_flops=prior)
         _write_json_atomic(done, asdict(result))
         results.append(result)
         trained += 1

@@ -136,12 +136,15 @@ def load_corpus(source: str = "stdlib", *, val_fraction: float = 0.05, test_frac
                 cache_dir: str | Path | None = None) -> Corpus:
     """Read (or reuse the cache of) a byte-level corpus.
 
-    source: "stdlib", another named domain (``condcomp.data.domains``: python-docs, kjv, bbc-news) or a
-        path to a text file or folder.
+    source: "stdlib", another named domain (``condcomp.data.domains``: python-docs, kjv, bbc-news), a
+        path to a text file or folder, or a mixture of these joined by "+" ("stdlib+kjv"): each
+        split is the concatenation of the parts' splits, so a part weighs by its size.
     Returns memory-mapped uint8 arrays; the cache key covers every file's path, size and mtime and
     the split fractions, so a changed source is re-read.
     """
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if "+" in source and not Path(source).expanduser().exists():
+        return _mixture(source.split("+"), val_fraction=val_fraction, test_fraction=test_fraction, cache_dir=cache)
     if is_domain(source):
         named, source = source, domain_path(source, cache)
     else:
@@ -208,3 +211,14 @@ def _build_cache(folder: Path, files: list[Path], rel: list[str], val_fraction: 
         shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; its copy is identical
         if not (folder / "meta.json").is_file():
             raise
+
+
+def _mixture(parts: list[str], *, val_fraction: float, test_fraction: float, cache_dir: Path) -> Corpus:
+    """Byte-level corpora concatenated split by split (in memory; each part is cached on its own)."""
+    if any(not p for p in parts) or len(set(parts)) != len(parts):
+        raise DataError(f"a mixture source names each part once, joined by '+' (e.g. stdlib+kjv); got {'+'.join(parts)}")
+    corpora = [load_corpus(p, val_fraction=val_fraction, test_fraction=test_fraction, cache_dir=cache_dir) for p in parts]
+    arrays = {s: np.concatenate([np.asarray(c.split(s)) for c in corpora]) for s in SPLITS}
+    sizes = ", ".join(f"{p} {len(c.train) / 1e6:.1f} MB" for p, c in zip(parts, corpora))
+    return Corpus(description=f"mixture of {sizes} (training bytes)", num_files=sum(c.num_files for c in corpora),
+                  skipped=sum(c.skipped for c in corpora), **arrays)

@@ -40,7 +40,7 @@ def _branch_name(domain: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.%-]", "_", name).lstrip(".") or "domain"
 
 
-def branch_configs(seed: str | Path, domains: list[str], *, steps: int, out: str | Path,
+def branch_configs(seed: str | Path, domains: list[str], *, steps: int, branches_dir: str | Path,
                    overrides: list[str] | None = None) -> dict[str, RunConfig]:
     """Validated run configs of the branches: the seed's own config, initialised from the seed, on
     each domain's data, for ``steps`` steps (then ``overrides``). Reads every domain's data now."""
@@ -61,7 +61,7 @@ def branch_configs(seed: str | Path, domains: list[str], *, steps: int, out: str
         raw["model"]["init"] = str(Path(seed_ckpt).resolve())
         raw["data"]["source"] = domain
         raw["train"].update(steps=steps, max_flops=None, max_seconds=None)
-        raw["run_dir"] = str(Path(out) / "branches" / name)
+        raw["run_dir"] = str(Path(branches_dir) / name)
         for assignment in overrides or []:
             apply_override(raw, assignment)
         try:
@@ -94,16 +94,20 @@ def run_flops(run_dir: str | Path) -> float:
 
 def run_bam(*, seed: str | Path, domains: list[str], steps: int, out: str | Path, attention: str = "soft", k: int = 2,
             include_seed: bool = True, capacity_factor: float | None = None, overrides: list[str] | None = None,
-            train: Callable[[RunConfig, str], object] = _train_here, log=print) -> BamResult:
+            branches_dir: str | Path | None = None, train: Callable[[RunConfig, str], object] = _train_here,
+            log=print) -> BamResult:
     """Branch, train and merge (see the module docstring). ``train(cfg, name)`` trains one branch
-    to completion, resuming if it can (the default trains in this process; compare uses a child)."""
+    to completion, resuming if it can (the default trains in this process; compare uses a child).
+    branches_dir: where the branch runs live (default ``out/branches``); two merges of the same
+    branches (FFN-only and with attention experts) share them."""
     from condcomp.train.pretrained_init import run_tokenizer, save_imported
     from condcomp.train.trainer import load_model
 
     if attention not in ATTENTION_MODES:
         raise ConfigError(f"attention: must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
     out = Path(out)
-    configs = branch_configs(seed, domains, steps=steps, out=out, overrides=overrides)
+    configs = branch_configs(seed, domains, steps=steps, branches_dir=branches_dir or out / "branches",
+                             overrides=overrides)
     n_experts = len(domains) + int(include_seed)
     if not 1 <= k <= n_experts:
         raise ConfigError(f"k: {k} must be between 1 and the {n_experts} experts (one per branch"

@@ -189,3 +189,20 @@ def save_imported(model, tokenizer, out, *, source: str):
     cfg = RunConfig(model=model.cfg, data=DataConfig(tokenizer=tokenizer_name), run_dir=str(out))
     cfg.model.init = None
     return ckpt.save_checkpoint(out, 0, model, {"step": 0, "imported_from": source}, cfg.to_dict())
+
+
+def load_model_source(source: str, *, seq_len: int | None = None):
+    """(model in eval mode, tokenizer or None) of a condcomp run or checkpoint folder, a Hugging Face
+    decoder folder or a packaged decoder name (smollm2); seq_len caps a Hugging Face model's context."""
+    saved = _checkpoint(str(source))
+    if saved is not None:
+        from condcomp.config import config_from_saved
+        from condcomp.models import Transformer
+
+        cfg = config_from_saved(ckpt.read_config(saved))
+        model = Transformer(cfg.model)
+        ckpt.load_checkpoint(saved, model)
+        return model.eval(), run_tokenizer(cfg.data)[1]
+    from condcomp.convert.hf import from_hf
+
+    return from_hf(source, seq_len=seq_len)
