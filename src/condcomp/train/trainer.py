@@ -404,6 +404,20 @@ class Trainer:
         record.update(_scalar_metrics(out.metrics))  # routing metrics of rank 0's share
         return mean_loss, record
 
+    def _evaluate_and_log(self, bar=None) -> float:
+        """Validation bits/byte now, logged with the step and counters; returns it."""
+        tc = self.cfg.train
+        val = evaluate_split(self.model, self.corpus.val, batch_size=tc.batch_size, max_batches=tc.eval_batches,
+                             precision=tc.precision, rt=self.rt, token_bytes=self.corpus.bytes_of("val"))
+        record = {"step": self.step, "val_bpb": val["bpb"], "total_flops": self.total_flops,
+                  "tokens": self.tokens_seen, "train_seconds": self.train_seconds}
+        if self.tokenizer is not None:
+            record["val_token_ppl"] = math.exp(val["nll"])
+        self._log(record)
+        if self.rt.is_main:
+            (bar.write if bar is not None else print)(f"step {self.step}: val {val['bpb']:.4f} bits/byte")
+        return val["bpb"]
+
     def _diverged(self, what: str) -> str:
         """The message for a run that diverged at this step, true to what is on disk."""
         saved = ckpt.list_checkpoints(self.run_dir)
@@ -445,6 +459,10 @@ class Trainer:
         last_ckpt = None
         window_start, window_tokens = time.perf_counter(), 0
         finished = self.step >= tc.steps or (self.step > 0 and self.budget_spent())
+        if self.step == 0 and self.cfg.model.init and not finished:
+            # A run from pretrained (or converted) weights: its starting point is a result too (an
+            # upcycled model must start where the dense one ended).
+            val_bpb = self._evaluate_and_log()
         while self.step < stop and not finished:
             t0 = time.perf_counter()
             loss, record = self.train_step()
@@ -466,17 +484,7 @@ class Trainer:
                            "train_seconds": self.train_seconds})
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             if self.step % tc.eval_every == 0 or finished:
-                val = evaluate_split(self.model, self.corpus.val, batch_size=tc.batch_size,
-                                     max_batches=tc.eval_batches, precision=tc.precision, rt=self.rt,
-                                     token_bytes=self.corpus.bytes_of("val"))
-                val_bpb = val["bpb"]
-                record = {"step": self.step, "val_bpb": val_bpb, "total_flops": self.total_flops,
-                          "tokens": self.tokens_seen, "train_seconds": self.train_seconds}
-                if self.tokenizer is not None:
-                    record["val_token_ppl"] = math.exp(val["nll"])
-                self._log(record)
-                if self.rt.is_main:
-                    bar.write(f"step {self.step}: val {val_bpb:.4f} bits/byte")
+                val_bpb = self._evaluate_and_log(bar)
             if self.step % tc.checkpoint_every == 0 or self.step == stop or finished:
                 last_ckpt = self.save()
             if bar.total != (expected := self.expected_steps()):
