@@ -18,16 +18,6 @@ from condcomp.models import Transformer
 D, H = 32, 4
 
 
-def attention_parts(attn: Attention) -> dict:
-    h, kv, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    w = attn.qkv.weight
-    parts = {"q": w[: h * hd], "k": w[h * hd : (h + kv) * hd], "v": w[(h + kv) * hd :], "o": attn.out.weight}
-    if attn.qkv.bias is not None:
-        b = attn.qkv.bias
-        parts.update(q_bias=b[: h * hd], k_bias=b[h * hd : (h + kv) * hd], v_bias=b[(h + kv) * hd :])
-    return parts
-
-
 def model(**kw) -> Transformer:
     torch.manual_seed(kw.pop("seed", 0))
     cfg = dict(d_model=D, n_layers=2, n_heads=H, seq_len=24)
@@ -49,7 +39,7 @@ def test_attention_experts_with_equal_experts_equal_the_one_attention(shared_kv,
     mix = AttentionExperts(d_model=D, n_heads=H, n_kv_heads=n_kv_heads, num_experts=3, max_len=16,
                            shared_kv=shared_kv, qkv_bias=qkv_bias).double()
     for e in range(3):
-        mix.set_expert(e, attention_parts(base))
+        mix.set_expert(e, base.projections())
     x = torch.randn(2, 12, D, dtype=torch.float64)
     pad = torch.ones(2, 12, dtype=torch.bool)
     pad[1, 9:] = False
@@ -188,7 +178,7 @@ def test_the_merge_puts_each_branch_where_it_says():
         for e, src in enumerate((seed, a, b)):
             assert torch.equal(block.ffn.experts.up[e], src.blocks[i].ffn.up.weight.t())
             assert torch.equal(block.ffn.experts.down[e], src.blocks[i].ffn.down.weight.t())
-            got, want = block.attn.expert_weights(e), attention_parts(src.blocks[i].attn)
+            got, want = block.attn.expert_weights(e), src.blocks[i].attn.projections()
             for name in ("q", "k", "v", "o"):
                 assert torch.equal(got[name], want[name]), (i, e, name)
         mean_norm = (seed.blocks[i].attn_norm.weight + a.blocks[i].attn_norm.weight + b.blocks[i].attn_norm.weight) / 3
@@ -198,8 +188,8 @@ def test_the_merge_puts_each_branch_where_it_says():
     shared = merge_branches(seed, [a, b], attention="soft_shared_kv", include_seed=False, k=1)
     assert shared.cfg.moe.num_experts == 2 and shared.cfg.moe.k == 1
     got = shared.blocks[1].attn.expert_weights(1)
-    assert torch.equal(got["q"], attention_parts(b.blocks[1].attn)["q"])
-    torch.testing.assert_close(got["k"], (attention_parts(a.blocks[1].attn)["k"] + attention_parts(b.blocks[1].attn)["k"]) / 2)
+    assert torch.equal(got["q"], b.blocks[1].attn.projections()["q"])
+    torch.testing.assert_close(got["k"], (a.blocks[1].attn.projections()["k"] + b.blocks[1].attn.projections()["k"]) / 2)
 
     ffn_only = merge_branches(seed, [a, b], attention="none")
     mean_qkv = (seed.blocks[0].attn.qkv.weight + a.blocks[0].attn.qkv.weight + b.blocks[0].attn.qkv.weight) / 3

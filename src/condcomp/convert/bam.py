@@ -29,17 +29,6 @@ _SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "he
                "attention", "qkv_bias", "out_bias", "tie_embeddings")
 
 
-def _attention_parts(attn) -> dict[str, torch.Tensor]:
-    """q/k/v/o (and q/k/v biases) of a plain ``Attention``, in ``AttentionExperts.set_expert``'s layout."""
-    h, kv, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    w = attn.qkv.weight
-    parts = {"q": w[: h * hd], "k": w[h * hd : (h + kv) * hd], "v": w[(h + kv) * hd :], "o": attn.out.weight}
-    if attn.qkv.bias is not None:
-        b = attn.qkv.bias
-        parts.update(q_bias=b[: h * hd], k_bias=b[h * hd : (h + kv) * hd], v_bias=b[(h + kv) * hd :])
-    return parts
-
-
 def check_mergeable(seed, branches) -> None:
     """ConvertError naming the first branch whose architecture differs from the seed's."""
     if not branches:
@@ -103,7 +92,7 @@ def merge_branches(seed, branches: list, *, attention: str = "soft", k: int = 2,
                 experts.down[e].copy_(dense.ffn.down.weight.t())
             if attention == "none":
                 continue
-            parts = [_attention_parts(d.attn) for d in dense_blocks]
+            parts = [dict(d.attn.projections()) for d in dense_blocks]
             if attention == "soft_shared_kv":
                 for name in ("k", "v", "k_bias", "v_bias"):
                     if name in parts[0]:

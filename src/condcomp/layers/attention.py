@@ -48,6 +48,17 @@ class Attention(nn.Module):
         self.out = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
         self.rotary = Rotary(head_dim, max_len, rope_base, **(rope or {}))
 
+    def projections(self) -> dict[str, torch.Tensor]:
+        """Views of the weights by role: q [h hd, d], k and v [kv hd, d], o [d, h hd], and q/k/v
+        biases when present (the layout ``AttentionExperts.set_expert`` takes)."""
+        h, kv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        w = self.qkv.weight
+        parts = {"q": w[: h * hd], "k": w[h * hd : (h + kv) * hd], "v": w[(h + kv) * hd :], "o": self.out.weight}
+        if self.qkv.bias is not None:
+            b = self.qkv.bias
+            parts.update(q_bias=b[: h * hd], k_bias=b[h * hd : (h + kv) * hd], v_bias=b[(h + kv) * hd :])
+        return parts
+
     def _project(self, x: torch.Tensor):
         """x [b, t, d] -> q [b, h, t, hd], k and v [b, kv_heads, t, hd]."""
         b, t, _ = x.shape
