@@ -258,6 +258,8 @@ def test_bam_on_the_command_line_branches_merges_and_trains_on(tiny_config, tmp_
                 + [a for s in sets for a in ("--set", s)]) == 0
     _, on_cfg = load_model(tmp_path / "on")
     assert on_cfg.model.attention == "experts" and on_cfg.model.ffn == "moe"
+    assert on_cfg.model.seq_len == 32  # the pretrained context, not the 256 default, when none is given
+    assert main(["config", "--config", str(tmp_path / "on" / "config.json")]) == 0  # the run's config reads back
 
 
 def test_bam_with_a_domain_without_data_writes_nothing(tiny_config, tmp_path, capsys):

@@ -76,3 +76,12 @@ def test_missing_config_file_is_reported(tmp_path):
 def test_direct_construction_validates_too():
     with pytest.raises(ConfigError, match="d_model"):
         ModelConfig(d_model=2)
+
+
+def test_exponents_read_as_numbers_before_validation(tmp_path):
+    """A run's config.json holds 1e-05 (JSON's spelling); YAML 1.1 would read it as a string, and a
+    comparison against the pretrained model's 1e-05 would fail."""
+    from condcomp.settings import read_yaml
+
+    raw = read_yaml(write(tmp_path, "model:\n  norm_eps: 1e-05\ntrain:\n  max_flops: 3e13\n"), ["train.lr=1e-4"])
+    assert raw["model"]["norm_eps"] == 1e-05 and raw["train"]["max_flops"] == 3e13 and raw["train"]["lr"] == 1e-4

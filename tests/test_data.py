@@ -92,3 +92,25 @@ def test_eval_batches_cover_the_split_and_repeat():
 def test_encode_decode_round_trip():
     text = "déf f(x): return 'λ'"
     assert decode(encode(text).tolist()) == text
+
+
+def test_a_mixture_source_concatenates_each_split_of_its_parts(text_file, tmp_path):
+    from condcomp.data import load_corpus
+
+    other = tmp_path / "other.txt"
+    other.write_text("zebra yak xylophone\n" * 3000)
+    a = load_corpus(str(text_file), cache_dir=tmp_path / "c")
+    b = load_corpus(str(other), cache_dir=tmp_path / "c")
+    mix = load_corpus(f"{text_file}+{other}", cache_dir=tmp_path / "c")
+    for split in ("train", "val", "test"):
+        assert bytes(mix.split(split)) == bytes(a.split(split)) + bytes(b.split(split))
+    assert mix.description.startswith("mixture of ")
+    with pytest.raises(DataError, match="names each part once"):
+        load_corpus(f"{other}+{other}", cache_dir=tmp_path / "c")
+
+
+def test_relative_parts_of_a_mixture_resolve_against_the_config_file(tmp_path):
+    from condcomp.config import resolve_file_paths
+
+    out = resolve_file_paths({"data": {"source": "stdlib+texts/a.txt+kjv"}}, tmp_path)
+    assert out["data"]["source"] == f"stdlib+{(tmp_path / 'texts/a.txt').resolve()}+kjv"
