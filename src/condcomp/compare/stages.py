@@ -119,8 +119,7 @@ def build_stages(stages: dict[str, Stage], out: Path, *, train, log=print) -> di
     from condcomp.convert.upcycle import upcycle
     from condcomp.train import checkpoint as ckpt
     from condcomp.train.bam import run_bam, run_flops
-    from condcomp.train.pretrained_init import load_model_source, run_tokenizer, save_imported
-    from condcomp.train.trainer import load_model
+    from condcomp.train.pretrained_init import load_model_source, save_imported
 
     charges_path = out / "stages" / "charges.json"
     charges = json.loads(charges_path.read_text()) if charges_path.is_file() else {}
@@ -138,11 +137,7 @@ def build_stages(stages: dict[str, Stage], out: Path, *, train, log=print) -> di
             o = dict(stage.options)
             source = o.pop("source", None)
             if not ckpt.list_checkpoints(folder):
-                if source is None:
-                    dense, cfg = load_model(out / "stages" / stage.after)
-                    tokenizer = run_tokenizer(cfg.data)[1]
-                else:
-                    dense, tokenizer = load_model_source(source)
+                dense, tokenizer = load_model_source(source or str(out / "stages" / stage.after))
                 moe = upcycle(dense, num_experts=o.pop("experts"), **o)
                 save_imported(moe, tokenizer, folder, source=f"upcycled {source or 'stage ' + stage.after}")
             charge = charges[stage.after] if stage.after else 0.0  # a pretrained model's training is not ours
