@@ -200,7 +200,7 @@ def test_grid_stages_build_once_and_charge_their_flops(text_file, tmp_path):
         name: staged
         budget: {{flops: {STAGED_BUDGET}}}
         base:
-          model: {{d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}}
+          model: {{d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32, ffn: swiglu, attention: causal}}
           data: {{source: {text_file}, cache_dir: {tmp_path / 'cache'}}}
           train: {{batch_size: 4, warmup_steps: 2, eval_every: 10, eval_batches: 2, checkpoint_every: 10,
                    log_every: 1, progress: false, precision: fp32}}
@@ -213,6 +213,7 @@ def test_grid_stages_build_once_and_charge_their_flops(text_file, tmp_path):
           dense: {{set: [model.init=stage:seed]}}
           upcycled: {{set: [model.init=stage:upcycled]}}
           bam-attn: {{set: [model.init=stage:bam-attn]}}
+          bam-top1: {{set: [model.init=stage:bam-ffn, model.moe.k=1]}}
           scratch-moe: {{set: [model.ffn=moe, model.moe.num_experts=4, model.moe.k=2]}}
         """))
     out = tmp_path / "out"
@@ -229,6 +230,8 @@ def test_grid_stages_build_once_and_charge_their_flops(text_file, tmp_path):
         if r.prior_flops:  # a variant from a stage is evaluated before its first step: the stage's end
             assert r.curve[0]["step"] == 0 and r.curve[0]["total_flops"] == r.prior_flops
     assert by_name["upcycled"].curve[0]["val_bpb"] == pytest.approx(by_name["dense"].curve[0]["val_bpb"], rel=1e-4)
+    _, top1 = load_model(out / "variants" / "bam-top1")  # the variant's own setting wins over the stage's
+    assert top1.model.ffn == "moe" and top1.model.moe.k == 1 and top1.model.moe.num_experts == 3
     _, cfg = load_model(out / "variants" / "bam-attn")
     assert cfg.model.attention == "experts" and cfg.model.moe.num_experts == 3
     assert cfg.train.max_flops == pytest.approx(STAGED_BUDGET - charges["bam-attn"])
@@ -239,7 +242,7 @@ def test_grid_stages_build_once_and_charge_their_flops(text_file, tmp_path):
     torch.testing.assert_close(upcycled(x).logits, seed(x).logits, rtol=1e-5, atol=1e-5)
     messages = []
     run_grid(load_grid(grid_path), out, infer_time=0.05, log=messages.append)
-    assert sum("built earlier" in m for m in messages) == 4
+    assert sum("built earlier" in m for m in messages) == 4 and sum("not retrained" in m for m in messages) == 5
 
 
 @pytest.mark.parametrize("stages, message", [

@@ -45,8 +45,8 @@ class Grid:
     variants: dict[str, RunConfig]
     source: str = ""
     stages: dict[str, Stage] = field(default_factory=dict)
-    # Variants that start from a stage: their raw config mapping (model.init still "stage:NAME"),
-    # built for real once the stage exists.
+    # Variants that start from a stage: {"config": raw mapping (model.init still "stage:NAME"),
+    # "own_keys": the keys the variant's own set: list assigns}, built for real once the stage exists.
     staged: dict[str, dict] = field(default_factory=dict)
     seeds: list[int] | None = None  # None: one run, the seed the configs say
 
@@ -122,7 +122,10 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
             if stage not in stages:
                 raise ConfigError(f"variants.{name}: model.init: stage:{stage} names no stage; stages: "
                                   f"{', '.join(stages) or 'none'}")
-            staged[name] = json.loads(json.dumps(cfg))
+            # The techniques come from the stage unless this variant sets them itself (the base's ffn:
+            # swiglu must not turn an upcycled stage back into a dense model).
+            own = {a.split("=", 1)[0].strip() for a in spec.get("set") or []}
+            staged[name] = {"config": json.loads(json.dumps(cfg)), "own_keys": sorted(own)}
             cfg["model"]["init"] = None  # the keys and values are checked now; the shape once the stage exists
         try:
             variants[name] = from_dict(RunConfig, resolve_init(cfg))

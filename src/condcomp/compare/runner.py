@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from condcomp import registry
 from condcomp.compare.grid import Grid
 from condcomp.compare.stages import build_stages, stage_model_dir, stage_of
 from condcomp.config import ConfigError, RunConfig, config_from_saved, from_dict
@@ -152,8 +153,18 @@ def measure_variant(name: str, run_dir: Path, peak_rss_mib: float, *, infer_time
 def _staged_config(grid: Grid, name: str, out: Path, charges: dict[str, float]) -> tuple[RunConfig, float]:
     """A stage-based variant's real config (the stage's shape, its own budget: the grid's minus the
     stage's FLOPs) and the FLOPs it is charged."""
-    raw = json.loads(json.dumps(grid.staged[name]))
+    raw = json.loads(json.dumps(grid.staged[name]["config"]))
+    own = grid.staged[name]["own_keys"]
     stage = stage_of(raw)
+    model = raw["model"]
+    for key in ("block", "attention", "ffn", *registry.sections()):
+        # The stage's techniques and settings, except what the variant's own set: list chooses.
+        if f"model.{key}" in own:
+            continue
+        subkeys = [k.split(".", 2)[2] for k in own if k.startswith(f"model.{key}.")]
+        value = model.pop(key, None)
+        if subkeys and isinstance(value, dict):
+            model[key] = {sub: value[sub] for sub in subkeys if sub in value}
     raw["model"]["init"] = str(stage_model_dir(out, grid.stages, stage))
     prior = charges[stage]
     if prior >= grid.budget:

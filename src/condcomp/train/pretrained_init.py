@@ -83,6 +83,8 @@ def resolve_init(raw: dict) -> dict:
     for key in ("block", "attention", "ffn", *registry.sections()):
         if key in pretrained and key not in model:
             merged[key] = pretrained[key]
+        elif isinstance(pretrained.get(key), dict) and isinstance(model.get(key), dict):
+            merged[key] = {**pretrained[key], **model[key]}  # a section: the settings given override the rest
     out["model"] = merged
     data = dict(raw.get("data") or {})
     if data.get("tokenizer") is None and _checkpoint(str(init)) is None:
