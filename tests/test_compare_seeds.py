@@ -95,3 +95,27 @@ def test_a_grid_with_seeds_runs_each_seed_and_reports_intervals(tmp_path, text_f
     text = md.read_text()
     assert "val bits/byte (mean ± sd)" in text and "vs dense (95%)" in text and "Seed(s): [0, 1]" in text
     assert "95% CI" in page.read_text()
+
+
+def test_with_seed_reaches_stages_and_staged_variants(tmp_path, text_file):
+    from condcomp.compare.runner import with_seed
+
+    grid_path = tmp_path / "grid.yaml"
+    grid_path.write_text(textwrap.dedent(f"""\
+        name: staged-seeds
+        budget: {{flops: 1.0e9}}
+        seeds: [3, 4]
+        base:
+          model: {{d_model: 32, n_layers: 2, n_heads: 2, seq_len: 32}}
+          data: {{source: {text_file}, cache_dir: {tmp_path / 'cache'}}}
+        stages:
+          seed: {{train: {{set: [train.steps=2]}}}}
+        variants:
+          dense: {{set: [model.init=stage:seed]}}
+          scratch: {{}}
+        """))
+    grid = load_grid(grid_path)
+    g = with_seed(grid, 4)
+    assert g.stages["seed"].config.train.seed == 4 and g.variants["scratch"].train.seed == 4
+    assert g.staged["dense"]["config"]["train"]["seed"] == 4
+    assert grid.stages["seed"].config.train.seed != 4  # the loaded grid is left as it was

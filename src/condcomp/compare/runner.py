@@ -213,8 +213,8 @@ def with_seed(grid: Grid, seed: int) -> Grid:
     g = copy.deepcopy(grid)
     for cfg in g.variants.values():
         cfg.train.seed = seed
-    for raw in g.staged.values():
-        raw.setdefault("train", {})["seed"] = seed
+    for staged in g.staged.values():
+        staged["config"].setdefault("train", {})["seed"] = seed
     for stage in g.stages.values():
         if stage.config is not None:
             stage.config.train.seed = seed
