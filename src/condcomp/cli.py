@@ -159,8 +159,9 @@ def _compare(args) -> int:
 
     grid = load_grid(args.grid, args.set)
     out = Path(args.out or Path("runs") / f"compare-{grid.name}")
+    seeds = f", once per seed {grid.seeds}" if grid.seeds else ""
     print(f"condcomp compare: {len(grid.variants)} variants ({', '.join(grid.variants)}), each trained to "
-          f"{grid.budget:.3g} {grid.budget_kind}; results in {out} (re-run the same command to resume)")
+          f"{grid.budget:.3g} {grid.budget_kind}{seeds}; results in {out} (re-run the same command to resume)")
     results = run_grid(grid, out)
     md, page = write_report(grid, results, out)
     print()

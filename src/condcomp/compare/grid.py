@@ -12,6 +12,8 @@ A grid file (YAML):
       mod: {config: ../mod.yaml, set: [...]}     # a whole config file instead of the base
     stages: {...}                    # optional: models built first that variants start from
                                      # (model.init: stage:NAME); see condcomp.compare.stages
+    seeds: [0, 1, 2]                 # optional: the whole grid (stages too) once per training seed;
+                                     # the report gives means, 95% intervals and noise-aware verdicts
 
 Every variant's config is built and validated when the grid loads, before anything trains (one that
 starts from a stage is validated again once the stage exists, with the stage's shape).
@@ -46,6 +48,7 @@ class Grid:
     # Variants that start from a stage: {"config": raw mapping (model.init still "stage:NAME"),
     # "own_keys": the keys the variant's own set: list assigns}, built for real once the stage exists.
     staged: dict[str, dict] = field(default_factory=dict)
+    seeds: list[int] | None = None  # None: one run, the seed the configs say
 
 
 def _load_mapping(value, where: Path, what: str) -> dict:
@@ -67,10 +70,15 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
     raw = load_yaml_file(path, what="grid") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a grid is a mapping with name, budget, base, common and variants")
-    unknown = set(raw) - {"name", "budget", "base", "common", "variants", "stages"}
+    unknown = set(raw) - {"name", "budget", "base", "common", "variants", "stages", "seeds"}
     if unknown:
         raise ConfigError(f"{path}: unknown grid keys {sorted(unknown)}; valid: name, budget, base, common, variants, "
-                          "stages")
+                          "stages, seeds")
+    seeds = raw.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) != len(seeds)
+                              or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63
+                                         for s in seeds)):
+        raise ConfigError(f"{path}: seeds must be a list of distinct integers >= 0 (e.g. [0, 1, 2]), got {seeds!r}")
     budget = raw.get("budget") or {}
     if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("flops", "seconds"):
         raise ConfigError(f"{path}: budget must be {{flops: N}} (equal training FLOPs) or {{seconds: N}} "
@@ -127,4 +135,4 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
         raise ConfigError(f"{path}: a grid with stages needs a FLOPs budget (the stages' FLOPs are charged to the "
                           "variants built on them)")
     return Grid(name=str(raw.get("name") or path.stem), budget_kind=kind, budget=amount, variants=variants,
-                source=path.read_text(), stages=stages, staged=staged)
+                source=path.read_text(), stages=stages, staged=staged, seeds=seeds)

@@ -13,20 +13,44 @@ import json
 import os
 import platform
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from condcomp.compare.grid import Grid
 from condcomp.compare.runner import VariantResult
+from condcomp.compare.stats import Estimate, estimate, verdict
 
 COLUMNS = [("variant", "variant"), ("val bits/byte", "val_bpb"), ("params", "total_params"),
            ("active params", "active_params"), ("train FLOPs", "train_flops"), ("train tok/s", "train_tokens_per_s"),
            ("infer tok/s", "infer_tokens_per_s"), ("peak RSS MiB", "peak_rss_mib"), ("steps", "steps")]
 
 
-def _fmt(key: str, r: VariantResult) -> str:
-    v = r.name if key == "variant" else getattr(r, key)
+@dataclass
+class Summary:
+    """A variant's runs over the grid's seeds (one run without seeds)."""
+
+    name: str
+    runs: list[VariantResult]
+
+    @property
+    def val(self) -> Estimate:
+        return estimate([r.val_bpb for r in self.runs])
+
+    def mean(self, key: str) -> float:
+        return sum(getattr(r, key) for r in self.runs) / len(self.runs)
+
+
+def summarize(results: list[VariantResult]) -> list[Summary]:
+    """Results grouped by variant, in the order variants first appear."""
+    groups: dict[str, list[VariantResult]] = {}
+    for r in results:
+        groups.setdefault(r.name, []).append(r)
+    return [Summary(name, runs) for name, runs in groups.items()]
+
+
+def _fmt_value(key: str, v) -> str:
     if key == "val_bpb":
         return f"{v:.4f}"
     if key in ("total_params", "active_params"):
@@ -35,15 +59,57 @@ def _fmt(key: str, r: VariantResult) -> str:
         return f"{v:.3e}"
     if key in ("train_tokens_per_s", "infer_tokens_per_s", "peak_rss_mib"):
         return f"{v:,.0f}"
+    if key == "steps":
+        return f"{v:.0f}"
     return str(v)
 
 
+def _fmt(key: str, r: VariantResult) -> str:
+    return r.name if key == "variant" else _fmt_value(key, getattr(r, key))
+
+
+def run_dir(out: Path, r: VariantResult) -> Path:
+    """Where a result's run lives under a compare output folder."""
+    return out / (f"seed-{r.seed}" if r.seed is not None else "") / "variants" / r.name
+
+
+def _seeded(results: list[VariantResult]) -> bool:
+    return any(len(s.runs) > 1 for s in summarize(results))
+
+
+def table_head(results: list[VariantResult]) -> list[str]:
+    if not _seeded(results):
+        return [h for h, _ in COLUMNS]
+    baseline = summarize(results)[0].name
+    return (["variant", "seeds", "val bits/byte (mean ± sd)", "95% CI", f"vs {baseline} (95%)"]
+            + [h for h, key in COLUMNS[2:]])
+
+
 def table_rows(results: list[VariantResult]) -> list[list[str]]:
-    return [[_fmt(key, r) for _, key in COLUMNS] for r in results]
+    """One row per variant: its run, or with seeds, the mean, spread and 95% interval of its final
+    bits/byte and whether it differs from the first variant by more than the seed noise."""
+    if not _seeded(results):
+        return [[_fmt(key, r) for _, key in COLUMNS] for r in results]
+    summaries = summarize(results)
+    baseline = summaries[0]
+    rows = []
+    for s in summaries:
+        est = s.val
+        sd = "n/a" if est.n < 2 else f"{est.sd:.4f}"
+        ci = "n/a (one seed)" if est.n < 2 else f"±{est.half_width:.4f}"
+        if s is baseline:
+            versus = "(baseline)"
+        else:
+            d = verdict([r.val_bpb for r in s.runs], [r.val_bpb for r in baseline.runs])
+            versus = f"{d.delta:+.4f}: {d.verdict}" if d.verdict == "one seed" else \
+                f"{d.delta:+.4f} ± {d.half_width:.4f}: {d.verdict}"
+        rows.append([s.name, str(est.n), f"{est.mean:.4f} ± {sd}", ci, versus]
+                    + [_fmt_value(key, s.mean(key)) for _, key in COLUMNS[2:]])
+    return rows
 
 
 def terminal_table(results: list[VariantResult]) -> str:
-    head = [h for h, _ in COLUMNS]
+    head = table_head(results)
     rows = table_rows(results)
     widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -51,7 +117,7 @@ def terminal_table(results: list[VariantResult]) -> str:
 
 
 def markdown_table(results: list[VariantResult]) -> str:
-    head = [h for h, _ in COLUMNS]
+    head = table_head(results)
     out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
     return "\n".join(out)
@@ -71,10 +137,17 @@ def plot_curves(results: list[VariantResult], out: Path) -> dict[str, Path]:
     for key, label, fname in (("total_flops", "training FLOPs", "loss_vs_flops.png"),
                               ("train_seconds", "training wall clock (s)", "loss_vs_time.png")):
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-        for r in results:
-            xs = [c[key] for c in r.curve]
-            ys = [c["val_bpb"] for c in r.curve]
-            ax.plot(xs, ys, marker="o", ms=3, label=r.name)
+        for summary in summarize(results):
+            # Seeds: the mean curve and a band of one standard deviation, over the evaluations every
+            # seed reached (budgets end them at nearly the same step).
+            n = min(len(r.curve) for r in summary.runs)
+            xs = torch.tensor([[r.curve[i][key] for i in range(n)] for r in summary.runs], dtype=torch.float64)
+            ys = torch.tensor([[r.curve[i]["val_bpb"] for i in range(n)] for r in summary.runs], dtype=torch.float64)
+            label_n = f"{summary.name} ({len(summary.runs)} seeds)" if len(summary.runs) > 1 else summary.name
+            line, = ax.plot(xs.mean(0), ys.mean(0), marker="o", ms=3, label=label_n)
+            if len(summary.runs) > 1:
+                sd = ys.std(0)
+                ax.fill_between(xs.mean(0), ys.mean(0) - sd, ys.mean(0) + sd, color=line.get_color(), alpha=0.2)
         ax.set_xlabel(label)
         ax.set_ylabel("validation bits/byte")
         ax.grid(alpha=0.3)
@@ -179,11 +252,12 @@ def environment() -> dict[str, str]:
 def write_report(grid: Grid, results: list[VariantResult], out_dir: str | Path) -> tuple[Path, Path]:
     """Write report.md (+ PNGs) and a self-contained report.html into out_dir."""
     out = Path(out_dir)
-    images = {**plot_curves(results, out), **plot_loads(results, out)}
+    firsts = [s.runs[0] for s in summarize(results)]  # loads and shading: each variant's first seed
+    images = {**plot_curves(results, out), **plot_loads(firsts, out)}
     env = environment()
-    seeds = sorted({grid.variants[r.name].train.seed for r in results if r.name in grid.variants})
+    seeds = grid.seeds or sorted({grid.variants[r.name].train.seed for r in results if r.name in grid.variants})
     budget = f"{grid.budget:.3g} training {'FLOPs' if grid.budget_kind == 'flops' else 'seconds'} per variant"
-    charged = [f"{r.name} {r.prior_flops:.3g}" for r in results if r.prior_flops]
+    charged = [f"{s.name} {s.mean('prior_flops'):.3g}" for s in summarize(results) if s.mean("prior_flops")]
     if charged:
         budget += (", stages included: a variant that starts from a grid stage is charged that stage's training "
                    f"FLOPs ({', '.join(charged)}) and trains for the rest")
@@ -209,11 +283,11 @@ def write_report(grid: Grid, results: list[VariantResult], out_dir: str | Path) 
         data = base64.b64encode(images[name].read_bytes()).decode()
         return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
-    head = "".join(f"<th>{html.escape(h)}</th>" for h, _ in COLUMNS)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in table_head(results))
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table_rows(results))
     shading = []
-    for r in results:
-        text, top, conditional = shaded_text(out / "variants" / r.name)
+    for r in firsts:
+        text, top, conditional = shaded_text(run_dir(out, r))
         note = (f"darkest = {top:g} conditional computations (experts / blocks / heavy branches, summed over layers)"
                 if conditional and top > 0 else "dense: every byte gets the same computation")
         shading.append(f"<h3>{html.escape(r.name)}</h3><p class=note>{note}</p><div class=text>{text}</div>")

@@ -8,6 +8,7 @@ stopped and never retrains a finished variant (an unfinished one resumes from it
 
 from __future__ import annotations
 
+import copy
 import json
 import multiprocessing
 import os
@@ -47,6 +48,7 @@ class VariantResult:
     loads: dict[str, list[int]] = field(default_factory=dict)  # router name -> tokens per group
     # Training FLOPs of the grid stages the variant starts from (included in train_flops and the curve).
     prior_flops: float = 0.0
+    seed: int | None = None  # the grid's seed this result belongs to (None: a grid without seeds)
 
 
 def train_variant(config: dict) -> None:
@@ -183,13 +185,46 @@ def _write_json_atomic(path: Path, data) -> None:
 
 def run_grid(grid: Grid, out_dir: str | Path, *, stop_after: int | None = None, infer_time: float = 1.0,
              log=print) -> list[VariantResult]:
-    """Train and measure every variant not finished yet; return all results in grid order.
+    """Train and measure every variant not finished yet; return all results in grid order (with
+    ``seeds``: every variant of seed 0, then of seed 1, ..., each replicate under ``out/seed-<s>``).
 
     stop_after: stop after training this many variants in this call (to test interruption).
     """
     out = Path(out_dir)
-    (out / "variants").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "grid.yaml").write_text(grid.source)
+    if grid.seeds is None:
+        return _run_replicate(grid, out, None, stop_after=stop_after, infer_time=infer_time, log=log)[0]
+    results: list[VariantResult] = []
+    for seed in grid.seeds:
+        log(f"seed {seed} ({grid.seeds.index(seed) + 1} of {len(grid.seeds)}):")
+        got, trained = _run_replicate(with_seed(grid, seed), out / f"seed-{seed}", seed, stop_after=stop_after,
+                                      infer_time=infer_time, log=log)
+        results += got
+        if stop_after is not None:
+            stop_after -= trained
+            if stop_after <= 0 and len(got) < len(grid.variants):
+                break
+    return results
+
+
+def with_seed(grid: Grid, seed: int) -> Grid:
+    """The grid with every variant's and every trained stage's ``train.seed`` set to ``seed``."""
+    g = copy.deepcopy(grid)
+    for cfg in g.variants.values():
+        cfg.train.seed = seed
+    for staged in g.staged.values():
+        staged["config"].setdefault("train", {})["seed"] = seed
+    for stage in g.stages.values():
+        if stage.config is not None:
+            stage.config.train.seed = seed
+    return g
+
+
+def _run_replicate(grid: Grid, out: Path, seed: int | None, *, stop_after: int | None, infer_time: float,
+                   log) -> tuple[list[VariantResult], int]:
+    """One pass over the grid's stages and variants in ``out``; (results so far, variants trained)."""
+    (out / "variants").mkdir(parents=True, exist_ok=True)
     charges = build_stages(grid.stages, out, train=train_in_child, log=log) if grid.stages else {}
     results, trained, started = [], 0, time.perf_counter()
     names = list(grid.variants)
@@ -212,13 +247,14 @@ def run_grid(grid: Grid, out_dir: str | Path, *, stop_after: int | None = None, 
         if trained:
             per = (time.perf_counter() - started) / trained
             remaining = sum(1 for n in names[i - 1 :] if not (out / "variants" / n / "result.json").is_file())
-            eta = f", grid ETA ~{per * remaining / 60:.1f} min"
+            eta = f", ETA ~{per * remaining / 60:.1f} min" + (" for this seed" if seed is not None else "")
         else:
             eta = ""
         log(f"[{i}/{len(names)}] {name}: training to {grid.budget:.3g} {grid.budget_kind}{eta}")
         rss = train_in_child(cfg, name)
         result = measure_variant(name, vdir, rss, infer_time=infer_time, prior_flops=prior)
+        result.seed = seed
         _write_json_atomic(done, asdict(result))
         results.append(result)
         trained += 1
-    return results
+    return results, trained
