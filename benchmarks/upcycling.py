@@ -12,7 +12,7 @@ Prints markdown tables, for each replicate (a whole run of the grid, seed model 
 3. the mean soft-attention gate of each attention expert per domain.
 With several replicates, then a summary: each variant's final bits/byte on the grid's own validation
 mixture and its mean over the three domains, mean ± sd over replicates, and Welch's 95% verdict
-against continued dense training (condcomp.compare.stats).
+against continued dense training, paired by replicate (condcomp.compare.stats).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def main() -> None:
     if len(tables) < 2:
         return
     names = [n for n in tables[0] if "mixture" in tables[0][n] and all(n in t for t in tables)]
-    print(f"\n## Over {len(tables)} replicates: mean ± sd, and the difference from dense (Welch 95%)\n")
+    print(f"\n## Over {len(tables)} replicates: mean ± sd, and the difference from dense (paired t, 95%)\n")
     print("| variant | validation mixture | vs dense | mean of domains | vs dense |")
     print("|---|---:|---:|---:|---:|")
     for name in names:
@@ -128,7 +128,7 @@ def main() -> None:
             if name == "dense":
                 cells.append("(baseline)")
             else:
-                d = verdict(values, base)
+                d = verdict(values, base, paired=True)  # replicate by replicate: same seed model
                 cells.append(f"{d.delta:+.4f} ± {d.half_width:.4f}: {d.verdict}")
         print(f"| {name} | " + " | ".join(cells) + " |")
 

@@ -36,6 +36,19 @@ def test_verdicts_on_hand_made_results(candidate, baseline, expected):
     assert d.delta == pytest.approx(sum(candidate) / len(candidate) - sum(baseline) / len(baseline))
 
 
+def test_paired_verdict_uses_the_differences():
+    """Two replicates where the candidate is worse by ~0.1 in both: Welch cannot tell (the replicates
+    differ more than that), the paired interval can."""
+    cand, base = [1.9441, 1.9502], [1.8304, 1.8502]
+    assert verdict(cand, base).verdict == "within noise"
+    d = verdict(cand, base, paired=True)
+    diffs = [0.1137, 0.1000]
+    assert d.delta == pytest.approx(sum(diffs) / 2) and d.verdict == "worse"
+    assert d.half_width == pytest.approx(12.706 * estimate(diffs).sd / math.sqrt(2))
+    with pytest.raises(ValueError, match="equal counts"):
+        verdict([1.0, 2.0], [1.0], paired=True)
+
+
 def test_welch_interval_matches_the_formula():
     a, b = [1.0, 1.2, 1.1, 1.3], [1.5, 1.4]
     d = verdict(a, b)
@@ -56,7 +69,7 @@ def test_the_table_aggregates_seeds_and_compares_with_the_first_variant():
     assert [s.name for s in summarize(results)] == ["dense", "moe"]
     rows = table_rows(results)
     assert rows[0][:5] == ["dense", "3", "1.7000 ± 0.0100", "±0.0248", "(baseline)"]
-    assert rows[1][4].endswith(": better") and rows[1][4].startswith("-0.1967")
+    assert rows[1][4].endswith(": better") and rows[1][4].startswith("-0.1967")  # paired by seed
     # Without seeds the table is the plain one, a row per run.
     assert table_rows([result("dense", 1.7, None)])[0][:2] == ["dense", "1.7000"]
 
@@ -93,7 +106,7 @@ def test_a_grid_with_seeds_runs_each_seed_and_reports_intervals(tmp_path, text_f
     assert results[0].val_bpb != results[2].val_bpb  # the seeds really differ
     md, page = write_report(load_grid(grid_path), results, out)
     text = md.read_text()
-    assert "val bits/byte (mean ± sd)" in text and "vs dense (95%)" in text and "Seed(s): [0, 1]" in text
+    assert "val bits/byte (mean ± sd)" in text and "vs dense (paired 95%)" in text and "Seed(s): [0, 1]" in text
     assert "95% CI" in page.read_text()
 
 

@@ -81,7 +81,7 @@ def table_head(results: list[VariantResult]) -> list[str]:
     if not _seeded(results):
         return [h for h, _ in COLUMNS]
     baseline = summarize(results)[0].name
-    return (["variant", "seeds", "val bits/byte (mean ± sd)", "95% CI", f"vs {baseline} (95%)"]
+    return (["variant", "seeds", "val bits/byte (mean ± sd)", "95% CI", f"vs {baseline} (paired 95%)"]
             + [h for h, key in COLUMNS[2:]])
 
 
@@ -100,7 +100,14 @@ def table_rows(results: list[VariantResult]) -> list[list[str]]:
         if s is baseline:
             versus = "(baseline)"
         else:
-            d = verdict([r.val_bpb for r in s.runs], [r.val_bpb for r in baseline.runs])
+            # Same seeds on both sides: compare replicate by replicate (paired), since a seed moves
+            # every variant of its replicate alike.
+            mine, theirs = {r.seed: r.val_bpb for r in s.runs}, {r.seed: r.val_bpb for r in baseline.runs}
+            if set(mine) == set(theirs) and None not in mine:
+                keys = sorted(mine)
+                d = verdict([mine[k] for k in keys], [theirs[k] for k in keys], paired=True)
+            else:
+                d = verdict(list(mine.values()), list(theirs.values()))
             versus = f"{d.delta:+.4f}: {d.verdict}" if d.verdict == "one seed" else \
                 f"{d.delta:+.4f} ± {d.half_width:.4f}: {d.verdict}"
         rows.append([s.name, str(est.n), f"{est.mean:.4f} ± {sd}", ci, versus]

@@ -1,5 +1,6 @@
 """Statistics over seeds: a mean with its 95% confidence interval, and whether two variants differ by
-more than their seed-to-seed noise (Welch's t interval on the difference of means).
+more than their seed-to-seed noise (a paired t interval when both ran on the same seeds, else
+Welch's interval on the difference of means).
 
     est = estimate([1.71, 1.69, 1.70])          # mean 1.70, sd 0.01, 95% CI +-0.025
     verdict(candidate=[1.65, 1.66], baseline=[1.70, 1.71])   # "better": lower by more than the noise
@@ -60,9 +61,23 @@ class Difference:
     verdict: str  # "better" | "worse" | "within noise" | "one seed"
 
 
-def verdict(candidate: list[float], baseline: list[float]) -> Difference:
-    """Whether ``candidate`` is lower (better) or higher than ``baseline`` by more than the 95% Welch
-    interval of the difference; "within noise" when the interval contains 0."""
+def verdict(candidate: list[float], baseline: list[float], *, paired: bool = False) -> Difference:
+    """Whether ``candidate`` is lower (better) or higher than ``baseline`` by more than the 95%
+    interval of the difference; "within noise" when the interval contains 0.
+
+    paired: the i-th values of both come from the same replicate (same seed, hence the same data
+    order and, in a grid with stages, the same seed model), so the interval is the t interval of the
+    per-replicate differences. Otherwise Welch's interval for independent samples, which is much wider
+    when seed-to-seed variation is shared by both variants."""
+    if paired:
+        if len(candidate) != len(baseline):
+            raise ValueError(f"paired values need equal counts, got {len(candidate)} and {len(baseline)}")
+        d = estimate([c - b for c, b in zip(candidate, baseline)])
+        if d.n < 2:
+            return Difference(d.mean, math.nan, "one seed")
+        if abs(d.mean) <= d.half_width:
+            return Difference(d.mean, d.half_width, "within noise")
+        return Difference(d.mean, d.half_width, "better" if d.mean < 0 else "worse")
     a, b = estimate(candidate), estimate(baseline)
     delta = a.mean - b.mean
     if a.n < 2 or b.n < 2:
