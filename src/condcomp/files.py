@@ -1,8 +1,11 @@
-"""File integrity shared by everything condcomp writes with a manifest (LM checkpoints, converted models)."""
+"""File helpers shared by everything condcomp writes: integrity (LM checkpoints, converted models) and
+atomic JSON records (grid results, stage charges, BAM merges)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 
 
@@ -13,3 +16,11 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    """Write ``data`` as JSON to ``path`` so a reader sees the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)

@@ -25,6 +25,7 @@ from condcomp import registry
 from condcomp.compare.grid import Grid
 from condcomp.compare.stages import build_stages, stage_model_dir, stage_of
 from condcomp.config import ConfigError, RunConfig, config_from_saved, from_dict
+from condcomp.files import write_json_atomic
 from condcomp.train.metrics_log import MetricsLog
 from condcomp.train.pretrained_init import resolve_init
 from condcomp.train.trainer import TrainingError, TrainingInterrupted
@@ -177,11 +178,6 @@ def _staged_config(grid: Grid, name: str, out: Path, charges: dict[str, float]) 
         raise ConfigError(f"variants.{name}: {e}") from None
 
 
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
 
 def run_grid(grid: Grid, out_dir: str | Path, *, stop_after: int | None = None, infer_time: float = 1.0,
              log=print) -> list[VariantResult]:
@@ -254,7 +250,7 @@ def _run_replicate(grid: Grid, out: Path, seed: int | None, *, stop_after: int |
         rss = train_in_child(cfg, name)
         result = measure_variant(name, vdir, rss, infer_time=infer_time, prior_flops=prior)
         result.seed = seed
-        _write_json_atomic(done, asdict(result))
+        write_json_atomic(done, asdict(result))
         results.append(result)
         trained += 1
     return results, trained

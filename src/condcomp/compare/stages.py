@@ -17,11 +17,11 @@ Stages resume like variants: a finished one is kept, an interrupted one continue
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from condcomp.config import ConfigError, RunConfig, from_dict
+from condcomp.files import write_json_atomic
 from condcomp.settings import apply_override
 
 STAGE_PREFIX = "stage:"
@@ -107,11 +107,6 @@ def stage_of(raw_config: dict) -> str | None:
     return None
 
 
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
 
 def build_stages(stages: dict[str, Stage], out: Path, *, train, log=print) -> dict[str, float]:
     """Build every stage not built yet under ``out/stages/<name>``; returns each stage's charge (the
@@ -150,7 +145,7 @@ def build_stages(stages: dict[str, Stage], out: Path, *, train, log=print) -> di
             charge = charges[stage.after] + result.branch_flops
         charges[stage.name] = charge
         charges_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(charges_path, charges)
+        write_json_atomic(charges_path, charges)
     return charges
 
 

@@ -115,7 +115,7 @@ class Attention(nn.Module):
     def _decode_uniform(self, q, k, v, cache: KVCache, head_weights=None) -> torch.Tensor:
         """Every sequence at the same position (cache.size): append by slicing, and mask only when a
         query could see a key after it (several new tokens on a non-empty cache)."""
-        b, _, t, _ = q.shape
+        t = q.shape[2]
         offset = cache.size
         q, k = self.rotary.apply(q, offset), self.rotary.apply(k, offset)
         k_all, v_all = cache.append(k.to(cache.k.dtype) if cache.k is not None else k,
@@ -127,7 +127,7 @@ class Attention(nn.Module):
         return self._merge_heads(y, head_weights)
 
     def _contiguous(self, q, k, v, padding_mask, head_weights=None):
-        b, _, t, _ = q.shape
+        t = q.shape[2]
         q, k = self.rotary.apply(q), self.rotary.apply(k)
         mask = None
         if padding_mask is not None:

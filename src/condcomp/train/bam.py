@@ -13,7 +13,6 @@ are kept, an unfinished one resumes from its last checkpoint, and the merge is r
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Callable
 
 from condcomp.config import ConfigError, RunConfig, from_dict
 from condcomp.convert.bam import ATTENTION_MODES, merge_branches
+from condcomp.files import write_json_atomic
 from condcomp.settings import apply_override
 from condcomp.train import checkpoint as ckpt
 from condcomp.train.metrics_log import MetricsLog
@@ -133,8 +133,6 @@ def run_bam(*, seed: str | Path, domains: list[str], steps: int, out: str | Path
         info = {"seed": str(seed), "domains": list(domains), "steps": steps, "attention": attention, "k": k,
                 "include_seed": include_seed, "experts": ["seed"] * include_seed + list(domains),
                 "branch_flops": branch_flops, "branches": {d: str(p) for d, p in branch_dirs.items()}}
-        tmp = out / "bam.json.tmp"
-        tmp.write_text(json.dumps(info, indent=1))
-        os.replace(tmp, out / "bam.json")  # written last: its presence means the merge is complete
+        write_json_atomic(out / "bam.json", info)  # written last: its presence means the merge is complete
     return BamResult(merged_dir=merged_dir, branch_dirs=branch_dirs, branch_flops=branch_flops)
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 from condcomp import registry
-from condcomp.config import ModelConfig
+from condcomp.config import ModelConfig, config_from_saved
 from condcomp.convert.coda import ConvertError
 from condcomp.convert.hf import load_dense_state, model_config_from_hf, pretrained_folder
 from condcomp.convert.pretrained import PretrainedError
+from condcomp.models import Transformer
 from condcomp.settings import ConfigError, from_dict
 from condcomp.train import checkpoint as ckpt
 
@@ -193,18 +194,22 @@ def save_imported(model, tokenizer, out, *, source: str):
     return ckpt.save_checkpoint(out, 0, model, {"step": 0, "imported_from": source}, cfg.to_dict())
 
 
+def load_model(path: str | Path):
+    """(model in eval mode, RunConfig) rebuilt from a checkpoint or a run folder's newest one."""
+    path = ckpt.resolve_checkpoint(path)
+    cfg = config_from_saved(ckpt.read_config(path))
+    model = Transformer(cfg.model)
+    ckpt.load_checkpoint(path, model)
+    return model.eval(), cfg
+
+
 def load_model_source(source: str, *, seq_len: int | None = None):
     """(model in eval mode, tokenizer or None) of a condcomp run or checkpoint folder, a Hugging Face
     decoder folder or a packaged decoder name (smollm2); seq_len caps a Hugging Face model's context."""
     saved = _checkpoint(str(source))
     if saved is not None:
-        from condcomp.config import config_from_saved
-        from condcomp.models import Transformer
-
-        cfg = config_from_saved(ckpt.read_config(saved))
-        model = Transformer(cfg.model)
-        ckpt.load_checkpoint(saved, model)
-        return model.eval(), run_tokenizer(cfg.data)[1]
+        model, cfg = load_model(saved)
+        return model, run_tokenizer(cfg.data)[1]
     from condcomp.convert.hf import from_hf
 
     return from_hf(source, seq_len=seq_len)

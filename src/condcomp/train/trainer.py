@@ -35,7 +35,7 @@ from condcomp.routing import RoutingError
 from condcomp.train import checkpoint as ckpt
 from condcomp.train.metrics_log import MetricsLog
 from condcomp.train.optim import autocast, build_optimizer, warmup_cosine
-from condcomp.train.pretrained_init import load_init_weights, load_run_corpus
+from condcomp.train.pretrained_init import load_init_weights, load_model, load_run_corpus  # noqa: F401 (load_model: re-exported)
 from condcomp.train.run_guard import RunLock, StopRequest
 
 LN2 = math.log(2.0)
@@ -499,12 +499,3 @@ class Trainer:
                     f"checkpoint {path} saved. Resume with the same command and --resume")
         bar.close()
         return TrainResult(self.run_dir, self.step, val_bpb, losses, self.total_flops, last_ckpt)
-
-
-def load_model(path: str | Path) -> tuple[Transformer, RunConfig]:
-    """Rebuild a model from a checkpoint (or a run folder's newest one), in eval mode."""
-    path = ckpt.resolve_checkpoint(path)
-    cfg = config_from_saved(ckpt.read_config(path))
-    model = Transformer(cfg.model)
-    ckpt.load_checkpoint(path, model)
-    return model.eval(), cfg
