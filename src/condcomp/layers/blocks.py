@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from condcomp.layers.info import LayerInfo
-from condcomp.layers.kv_cache import ModelCache
+from condcomp.layers.kv_cache import KVCache, ModelCache
 from condcomp.layers.norm import RMSNorm
 from condcomp.layers.sru import SRULayer
 
@@ -45,7 +45,7 @@ class TransformerBlock(nn.Module):
         """The attention layer on the normalised input h, with this block's slot of the cache."""
         kv = None
         if cache is not None:
-            kv = cache.layer(f"layer{self.layer_idx}.attn")
+            kv = cache.layer(f"layer{self.layer_idx}.attn", getattr(self.attn, "new_cache", KVCache))
             if positions is None and (padding_mask is not None or not kv.uniform):
                 # A ragged cache keeps per-sequence positions; a uniform one knows its own offset.
                 positions = (cache.offset + torch.arange(h.shape[1], device=h.device)).expand(h.shape[:2])

@@ -86,7 +86,11 @@ class ModelCache:
 
     def __init__(self) -> None:
         self.offset = 0
-        self.layers: dict[str, KVCache] = {}
+        self.layers: dict[str, object] = {}
 
-    def layer(self, name: str) -> KVCache:
-        return self.layers.setdefault(name, KVCache())
+    def layer(self, name: str, factory=KVCache):
+        """The cache of the layer called ``name``, made by ``factory()`` on first use (a layer with a
+        cache of its own, such as sparse attention's, passes its ``new_cache``)."""
+        if name not in self.layers:
+            self.layers[name] = factory()
+        return self.layers[name]

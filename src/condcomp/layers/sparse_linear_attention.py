@@ -1,0 +1,385 @@
+"""SPLA: exact softmax attention on the key blocks that matter, linear attention on the rest
+(Wang, Friedman, Lei, Wang, 2026); its block-sparse baseline (no residual); and pure causal linear
+attention, all on the projections and rotary positions of ``Attention`` (so a dense model's weights
+load unchanged).
+
+One query block of ``block`` positions reads, exactly, its own block (causal inside) and the top-k
+completed past blocks chosen by ``routing.block_select`` (scored by the previous block's queries,
+so the choice never reads the future). Every other completed past block is covered by linear
+attention with the positive feature map phi(x) = elu(x) + 1, computed from block states
+S_j = phi(K_j)^T V_j and z_j = sum phi(K_j) as
+
+    R_i = sum_{j < i} S_j - sum_{j selected} S_j        (numerator state; z likewise, separately)
+
+so unselected keys are never read. States accumulate in fp32.
+
+One normaliser. The linear kernel stands in for the exponential of the unselected keys' logits:
+a key's weight is exp(q.k / sqrt(d)) if it is read exactly and alpha_h phi(q).phi(k) if not, and
+
+    y = (sum_exact e^{s} v + alpha_h phi(q)^T R_i) / (sum_exact e^{s} + alpha_h phi(q)^T z_i)
+
+computed stably by scaling both sums by e^{-m} (m the row's largest exact logit; it cancels). The
+learned per-head alpha_h (initialised 1 / head_dim, so the kernel starts near e^0 = 1 for small
+logits) calibrates the kernel against the exponential. With every past block selected R = 0 and
+the output is dense causal attention. One normaliser keeps the output a convex combination of
+values, unlike adding two separately normalised outputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from condcomp.layers.attention import Attention
+from condcomp.layers.info import LayerInfo
+from condcomp.layers.kv_cache import KVCache
+from condcomp.routing.block_select import block_scores, block_summaries, select_past_blocks, top_blocks
+
+SELECTIONS = {"second_order": 2, "first_order": 1}
+RESIDUALS = ("linear", "none")
+MODES = ("sparse", "linear")
+
+
+def feature_map(x: torch.Tensor) -> torch.Tensor:
+    """phi(x) = elu(x) + 1 > 0 (Katharopoulos et al., 2020)."""
+    return F.elu(x) + 1.0
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.double() if x.dtype == torch.float64 else x.float()
+
+
+def _rows(x: torch.Tensor, groups: int, n_blocks: int, block: int) -> torch.Tensor:
+    """[b, h, T, hd] -> [b, g, nb, r*block, hd]: a query block's rows are every head of the key/value
+    group (r = h / g) at every position of the block, head-major."""
+    b, h, _, hd = x.shape
+    r = h // groups
+    return x.view(b, groups, r, n_blocks, block, hd).permute(0, 1, 3, 2, 4, 5).reshape(b, groups, n_blocks, r * block, hd)
+
+
+def _unrows(y: torch.Tensor, heads: int, length: int) -> torch.Tensor:
+    """The inverse of ``_rows``: [b, g, nb, r*block, hd] -> [b, h, nb*block, hd]."""
+    b, g, nb, rows, hd = y.shape
+    r = heads // g
+    block = rows // r
+    return y.view(b, g, nb, r, block, hd).permute(0, 1, 3, 2, 4, 5).reshape(b, heads, nb * block, hd)[:, :, :length]
+
+
+def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor | None, *,
+                            block: int, top_k: int, order: int = 2, log_alpha: torch.Tensor | None = None,
+                            selection: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Causal SPLA over whole sequences (the module docstring); ``log_alpha=None`` drops the residual
+    (block-sparse attention).
+
+    q: [b, h, t, hd]; k, v: [b, g, t, hd] (g divides h; rotary applied); real: [b, t] bool or None.
+    selection: (index, valid) [b, g, nb, top_k] to use instead of choosing (tests). Returns
+    [b, h, t, hd]. The length is padded up to a multiple of ``block`` with masked keys.
+    """
+    b, h, t, hd = q.shape
+    g = k.shape[1]
+    r = h // g
+    nb = -(-t // block)
+    pad = nb * block - t
+    real = torch.ones(b, t, dtype=torch.bool, device=q.device) if real is None else real.bool()
+    if pad:
+        q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
+        real = F.pad(real, (0, pad), value=False)
+    scale = hd ** -0.5
+    qb = _rows(q, g, nb, block)  # [b, g, nb, rB, hd]
+    kb, vb = k.view(b, g, nb, block, hd), v.view(b, g, nb, block, hd)
+    key_real = real.view(b, 1, nb, block)
+    row_real = key_real[:, :, :, None, :].expand(b, 1, nb, r, block).reshape(b, 1, nb, r * block)
+    if selection is None:
+        with torch.autocast(q.device.type, enabled=False):
+            selection = select_past_blocks(_fp32(qb), row_real, _fp32(kb) * scale, key_real, top_k, order)
+    index, valid = selection
+    n_sel = index.shape[-1]
+    bi = torch.arange(b, device=q.device)[:, None, None, None]
+    gi = torch.arange(g, device=q.device)[None, :, None, None]
+    k_sel = kb[bi, gi, index].reshape(b, g, nb, n_sel * block, hd)  # [b, g, nb, k*B, hd]
+    v_sel = vb[bi, gi, index].reshape(b, g, nb, n_sel * block, hd)
+    sel_real = (key_real[:, 0][bi[..., 0], index] & valid[..., None]).reshape(b, g, nb, n_sel * block)
+
+    pos = torch.arange(block, device=q.device)
+    own_causal = (pos[None, :] <= pos[:, None]).repeat(r, 1)  # [rB, B]: row (head, p) sees keys <= p
+    own_mask = own_causal & key_real[:, :, :, None, :]  # [b, 1, nb, rB, B]
+    mask = torch.cat([sel_real[:, :, :, None, :].expand(b, g, nb, r * block, n_sel * block),
+                      own_mask.expand(b, g, nb, r * block, block)], dim=-1)
+    mask = mask | ~row_real[..., None]  # padded query rows see everything: their rows are discarded
+    keys = torch.cat([k_sel, kb], dim=3)
+    values = torch.cat([v_sel, vb], dim=3)
+    logits = _fp32(qb @ keys.transpose(-1, -2).to(qb.dtype)) * scale
+    logits = logits.masked_fill(~mask, float("-inf"))
+    m = logits.amax(-1, keepdim=True).detach()
+    p = torch.exp(logits - m)
+    den = p.sum(-1, keepdim=True)
+    num = _fp32(p.to(values.dtype) @ values)
+    if log_alpha is not None:
+        lin_num, lin_den = linear_residual(qb, kb, vb, key_real, k_sel, v_sel, sel_real)
+        row_log_alpha = log_alpha.view(g, r, 1).expand(g, r, block).reshape(1, g, 1, r * block, 1)
+        c = torch.exp((row_log_alpha - m).clamp(max=60.0))
+        num = num + c * lin_num
+        den = den + c * lin_den
+    y = (num / den).to(q.dtype)
+    return _unrows(y, h, t)
+
+
+def linear_residual(qb, kb, vb, key_real, k_sel, v_sel, sel_real) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear attention of each query row over the completed past blocks it did not select, by
+    state subtraction (prefix - selected), in fp32. Shapes as in ``sparse_linear_attention``.
+    Returns (numerator [b, g, nb, rB, hd], normaliser [b, g, nb, rB, 1])."""
+    with torch.autocast(qb.device.type, enabled=False):
+        phi_k = feature_map(_fp32(kb)) * key_real[..., None]  # [b, g, nb, B, hd]
+        states = phi_k.transpose(-1, -2) @ _fp32(vb)  # [b, g, nb, hd, hd]
+        sums = phi_k.sum(-2)  # [b, g, nb, hd]
+        prefix = states.cumsum(2) - states  # blocks j < i
+        prefix_sum = sums.cumsum(2) - sums
+        phi_sel = feature_map(_fp32(k_sel)) * sel_real[..., None]
+        residual = prefix - phi_sel.transpose(-1, -2) @ _fp32(v_sel)
+        residual_sum = prefix_sum - phi_sel.sum(-2)
+        phi_q = feature_map(_fp32(qb))
+        return phi_q @ residual, (phi_q * residual_sum[:, :, :, None, :]).sum(-1, keepdim=True)
+
+
+def causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor | None, *,
+                            block: int) -> torch.Tensor:
+    """Pure causal linear attention, phi = elu + 1, in chunks of ``block``: exact kernel sums inside
+    a block, prefix states across blocks (fp32). Shapes as ``sparse_linear_attention``."""
+    b, h, t, hd = q.shape
+    g = k.shape[1]
+    r = h // g
+    nb = -(-t // block)
+    pad = nb * block - t
+    real = torch.ones(b, t, dtype=torch.bool, device=q.device) if real is None else real.bool()
+    if pad:
+        q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
+        real = F.pad(real, (0, pad), value=False)
+    with torch.autocast(q.device.type, enabled=False):
+        key_real = real.view(b, 1, nb, block)
+        phi_q = feature_map(_fp32(_rows(q, g, nb, block)))  # [b, g, nb, rB, hd]
+        phi_k = feature_map(_fp32(k.view(b, g, nb, block, hd))) * key_real[..., None]
+        vb = _fp32(v.view(b, g, nb, block, hd))
+        pos = torch.arange(block, device=q.device)
+        own_causal = (pos[None, :] <= pos[:, None]).repeat(r, 1).to(phi_q.dtype)  # [rB, B]
+        kernel = (phi_q @ phi_k.transpose(-1, -2)) * own_causal
+        states = phi_k.transpose(-1, -2) @ vb
+        sums = phi_k.sum(-2)
+        num = kernel @ vb + phi_q @ (states.cumsum(2) - states)
+        den = kernel.sum(-1, keepdim=True) + (phi_q * (sums.cumsum(2) - sums)[:, :, :, None, :]).sum(-1, keepdim=True)
+        row_real = key_real[:, :, :, None, :].expand(b, 1, nb, r, block).reshape(b, 1, nb, r * block, 1)
+        den = den + (~row_real).to(den.dtype)  # a padded row with nothing to read divides by 1, not 0
+        return _unrows(num / den, h, t).to(q.dtype)
+
+
+class SparseAttentionCache:
+    """What SPLA keeps to decode one token in O(k * block + head_dim^2), not O(tokens read so far).
+
+    keys/values of every token (``kv``: the chosen blocks are read exactly); per completed block its
+    key summary (mean, var, count) for choosing; the fp32 linear-attention prefix state and sum over
+    completed blocks; the current block's choice (index, valid) and residual state and sum; and the
+    current block's queries, which choose the next block's keys when it completes. Uniform only:
+    every sequence of the batch at the same position.
+    """
+
+    uniform = True
+
+    def __init__(self) -> None:
+        self.kv = KVCache()
+        self.size = 0
+        self.mean = self.var = self.count = None  # [b, g, n_completed, hd], count [b, g, n_completed]
+        self.prefix = self.prefix_sum = None  # [b, g, hd, hd], [b, g, hd]
+        self.index = self.valid = None  # [b, g, k]
+        self.residual = self.residual_sum = None
+        self.queries = None  # [b, g, r, filled, hd]
+
+
+class SparseLinearAttention(Attention):
+    """Causal sparse attention over key blocks, with (SPLA) or without (block-sparse) the linear
+    residual; or, with ``mode="linear"``, pure causal linear attention. Same interface, projections
+    and parameters as ``Attention`` plus ``log_alpha`` [n_heads] when the residual is on.
+
+    x: [batch, seq, d_model] -> (y [batch, seq, d_model], LayerInfo()). padding_mask [b, t] (True =
+    real): padded keys are never read, exactly or linearly. Decoding with a cache costs
+    O(top_k * block * head_dim + head_dim^2) per token.
+
+    Args (besides Attention's): block: block size B (the length is padded up to a multiple);
+    top_k: completed past blocks read exactly per query block (k larger than the number of past
+    blocks takes all); selection: "second_order" (mean and diagonal variance of the keys) or
+    "first_order" (mean key only); residual: "linear" or "none"; mode: "sparse" or "linear".
+    """
+
+    supports_cache = True
+
+    def __init__(self, *, d_model: int, n_heads: int, max_len: int, block: int = 64, top_k: int = 8,
+                 selection: str = "second_order", residual: str = "linear", mode: str = "sparse",
+                 rope_base: float = 10000.0, dropout: float = 0.0, n_kv_heads: int | None = None,
+                 head_dim: int | None = None, qkv_bias: bool = False, out_bias: bool = False, rope: dict | None = None):
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {tuple(SELECTIONS)}, got {selection!r}")
+        if residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if dropout:
+            raise ValueError("sparse and linear attention have no attention dropout; set dropout: 0")
+        super().__init__(d_model=d_model, n_heads=n_heads, max_len=max_len, causal=True, rope_base=rope_base,
+                         n_kv_heads=n_kv_heads, head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias, rope=rope)
+        self.block, self.top_k, self.selection, self.residual, self.mode = block, top_k, selection, residual, mode
+        self.log_alpha = None
+        if mode == "sparse" and residual == "linear":
+            self.log_alpha = nn.Parameter(torch.full((n_heads,), -math.log(self.head_dim)))
+
+    def new_cache(self) -> SparseAttentionCache:
+        return SparseAttentionCache()
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: SparseAttentionCache | None = None):
+        if positions is not None:
+            raise ValueError(f"{type(self).__name__} reads whole sequences in blocks: it cannot run on tokens gathered "
+                             "from a longer sequence (block: mod) or decode a padded batch; use a dense attention there")
+        if cache is not None and padding_mask is not None:
+            raise ValueError("decoding with sparse/linear attention needs an unpadded batch")
+        if cache is not None and not isinstance(cache, SparseAttentionCache):
+            raise TypeError(f"{type(self).__name__} decodes with its own cache (new_cache()), got {type(cache).__name__}")
+        q, k, v = self._project(x)
+        if cache is not None and cache.size > 0:
+            ys = [self._decode_token(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache)
+                  for i in range(x.shape[1])]
+            return self._merge_heads(torch.cat(ys, dim=2), None), LayerInfo()
+        q, k = self.rotary.apply(q), self.rotary.apply(k)
+        y = self._attend_all(q, k, v, padding_mask)
+        if cache is not None:
+            self._prefill(q, k, v, cache)
+        return self._merge_heads(y, None), LayerInfo()
+
+    def _attend_all(self, q, k, v, padding_mask):
+        if self.mode == "linear":
+            return causal_linear_attention(q, k, v, padding_mask, block=self.block)
+        return sparse_linear_attention(q, k, v, padding_mask, block=self.block, top_k=self.top_k,
+                                       order=SELECTIONS[self.selection], log_alpha=self.log_alpha)
+
+    # ---- incremental decoding -------------------------------------------------------------------
+
+    def _prefill(self, q, k, v, cache: SparseAttentionCache) -> None:
+        """Fill an empty cache from a whole prompt's rotated q, k [b, h|g, t, hd] and v."""
+        b, h, t, hd = q.shape
+        g, B = self.n_kv_heads, self.block
+        cache.kv.append(k, v)
+        cache.size = t
+        completed = t // B
+        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+            kf = _fp32(k[:, :, : completed * B]).view(b, g, completed, B, hd)
+            real = torch.ones(b, 1, completed, B, dtype=torch.bool, device=q.device)
+            cache.mean, cache.var, count = block_summaries(kf * hd ** -0.5, real)
+            cache.count = count.expand(b, g, completed)
+            phi = feature_map(kf)
+            cache.prefix = (phi.transpose(-1, -2) @ _fp32(v[:, :, : completed * B]).view(b, g, completed, B, hd)).sum(2)
+            cache.prefix_sum = phi.sum((2, 3))
+        qr = q.view(b, g, h // g, t, hd)
+        if completed:
+            self._choose(cache, qr[:, :, :, (completed - 1) * B : completed * B])
+        else:
+            self._choose(cache, None)
+        cache.queries = qr[:, :, :, completed * B :]
+
+    def _choose(self, cache: SparseAttentionCache, scoring_queries: torch.Tensor | None) -> None:
+        """The current block's choice of past blocks and its residual state, from the previous
+        block's queries [b, g, r, B, hd] (None for the first block: nothing to choose)."""
+        b, g, n_done = cache.count.shape
+        hd = self.head_dim
+        with torch.no_grad(), torch.autocast(cache.count.device.type, enabled=False):
+            if scoring_queries is None or n_done == 0:
+                scores = cache.count.new_full((b, g, 0), float("-inf"))
+            else:
+                rows = _fp32(scoring_queries).reshape(b, g, -1, hd)
+                real = torch.ones(rows.shape[:-1], dtype=torch.bool, device=rows.device)
+                scores = block_scores(rows, real, cache.mean, cache.var, cache.count, None, SELECTIONS[self.selection])
+            # No padding slots here (forward pads to top_k with invalid ones; they read nothing).
+            cache.index, cache.valid = top_blocks(scores, min(self.top_k if self.mode == "sparse" else 0, n_done))
+            cache.residual, cache.residual_sum = cache.prefix.clone(), cache.prefix_sum.clone()
+            if cache.index.shape[-1]:
+                k_sel, v_sel = self._selected_blocks(cache)
+                phi = feature_map(_fp32(k_sel)) * cache.valid.repeat_interleave(self.block, -1)[..., None].to(k_sel.dtype)
+                cache.residual -= phi.transpose(-1, -2) @ _fp32(v_sel)
+                cache.residual_sum -= phi.sum(-2)
+
+    def _selected_blocks(self, cache: SparseAttentionCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the chosen blocks: [b, g, k * B, hd] each."""
+        b, g, n = cache.index.shape
+        B, hd = self.block, self.head_dim
+        done = cache.count.shape[-1]
+        blocks_k = cache.kv.k[:, :, : done * B].view(b, g, done, B, hd)
+        blocks_v = cache.kv.v[:, :, : done * B].view(b, g, done, B, hd)
+        bi = torch.arange(b, device=cache.index.device)[:, None, None]
+        gi = torch.arange(g, device=cache.index.device)[None, :, None]
+        return (blocks_k[bi, gi, cache.index].reshape(b, g, n * B, hd),
+                blocks_v[bi, gi, cache.index].reshape(b, g, n * B, hd))
+
+    def _decode_token(self, q, k, v, cache: SparseAttentionCache) -> torch.Tensor:
+        """One new token of every sequence: q [b, h, 1, hd], k, v [b, g, 1, hd] -> y [b, h, 1, hd]."""
+        b, h, _, hd = q.shape
+        g, B = self.n_kv_heads, self.block
+        r = h // g
+        t = cache.size
+        q, k = self.rotary.apply(q, t), self.rotary.apply(k, t)
+        all_k, all_v = cache.kv.append(k.to(cache.kv.k.dtype), v.to(cache.kv.v.dtype))
+        start = (t // B) * B
+        qg = q.view(b, g, r, hd)
+        cache.queries = torch.cat([cache.queries, qg[:, :, :, None]], dim=3)
+        scale = hd ** -0.5
+        if self.mode == "linear":
+            y = self._decode_linear(qg, all_k[:, :, start:], all_v[:, :, start:], cache)
+        else:
+            keys, values = all_k[:, :, start:], all_v[:, :, start:]
+            mask = torch.ones(b, g, keys.shape[2], dtype=torch.bool, device=q.device)
+            if cache.index.shape[-1]:
+                k_sel, v_sel = self._selected_blocks(cache)
+                keys, values = torch.cat([k_sel, keys], 2), torch.cat([v_sel, values], 2)
+                mask = torch.cat([cache.valid.repeat_interleave(B, -1), mask], -1)
+            logits = _fp32(qg @ keys.transpose(-1, -2).to(qg.dtype)) * scale  # [b, g, r, L]
+            logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
+            m = logits.amax(-1, keepdim=True)
+            p = torch.exp(logits - m)
+            num, den = _fp32(p.to(values.dtype) @ values), p.sum(-1, keepdim=True)
+            if self.log_alpha is not None:
+                phi_q = feature_map(_fp32(qg))
+                c = torch.exp((self.log_alpha.view(g, r, 1) - m).clamp(max=60.0))
+                num = num + c * (phi_q @ cache.residual)
+                den = den + c * (phi_q * cache.residual_sum[:, :, None]).sum(-1, keepdim=True)
+            y = num / den
+        if (t + 1) % B == 0:
+            self._complete_block(cache, all_k[:, :, start:], all_v[:, :, start:])
+        cache.size = t + 1
+        return y.to(q.dtype).view(b, h, 1, hd)
+
+    def _decode_linear(self, qg, own_k, own_v, cache) -> torch.Tensor:
+        """Pure linear attention for one query: the open block's keys plus the completed prefix state."""
+        phi_q = feature_map(_fp32(qg))  # [b, g, r, hd]
+        phi_k = feature_map(_fp32(own_k))  # [b, g, n, hd]
+        kernel = phi_q @ phi_k.transpose(-1, -2)  # [b, g, r, n]
+        num = kernel @ _fp32(own_v) + phi_q @ cache.prefix
+        den = kernel.sum(-1, keepdim=True) + (phi_q * cache.prefix_sum[:, :, None]).sum(-1, keepdim=True)
+        return num / den
+
+    def _complete_block(self, cache: SparseAttentionCache, block_k, block_v) -> None:
+        """The open block just filled: add its summary and state, and choose for the next block."""
+        b, g, B, hd = block_k.shape
+        with torch.no_grad(), torch.autocast(block_k.device.type, enabled=False):
+            kf = _fp32(block_k)
+            real = torch.ones(b, 1, 1, B, dtype=torch.bool, device=kf.device)
+            mean, var, count = block_summaries(kf[:, :, None] * hd ** -0.5, real)
+            cache.mean = torch.cat([cache.mean, mean], 2)
+            cache.var = torch.cat([cache.var, var], 2)
+            cache.count = torch.cat([cache.count, count.expand(b, g, 1)], 2)
+            phi = feature_map(kf)
+            cache.prefix = cache.prefix + phi.transpose(-1, -2) @ _fp32(block_v)
+            cache.prefix_sum = cache.prefix_sum + phi.sum(2)
+        self._choose(cache, cache.queries)
+        cache.queries = cache.queries[:, :, :, :0]
