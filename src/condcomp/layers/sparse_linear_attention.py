@@ -101,7 +101,7 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     gi = torch.arange(g, device=q.device)[None, :, None, None]
     k_sel = kb[bi, gi, index].reshape(b, g, nb, n_sel * block, hd)  # [b, g, nb, k*B, hd]
     v_sel = vb[bi, gi, index].reshape(b, g, nb, n_sel * block, hd)
-    sel_real = (key_real[:, 0][bi[..., 0], index] & valid[..., None]).reshape(b, g, nb, n_sel * block)
+    sel_real = (key_real[:, 0][bi, index] & valid[..., None]).reshape(b, g, nb, n_sel * block)
 
     pos = torch.arange(block, device=q.device)
     own_causal = (pos[None, :] <= pos[:, None]).repeat(r, 1)  # [rB, B]: row (head, p) sees keys <= p
