@@ -13,10 +13,11 @@ from condcomp.layers.moe import MoE
 from condcomp.layers.norm import RMSNorm
 from condcomp.layers.rotary import Rotary
 from condcomp.layers.selected_block import LayerSkip, MixtureOfDepths, SelectedBlock
+from condcomp.layers.sparse_linear_attention import SparseLinearAttention
 from condcomp.layers.sru import SRU, SRULayer, SRUpp, SRUppAttention
 from condcomp.layers.traits import ConditionalLayer, RoutedParameters
 
 __all__ = ["Attention", "AttentionExperts", "ConditionalAttention", "ConditionalFeedForward", "ConditionalLayer", "FeedForward",
            "KVCache", "LayerInfo", "LayerSkip", "LocalAttention", "MixtureOfDepths", "MoE", "ModelCache", "ParallelBlock", "RMSNorm",
            "RecurrentBlock", "Rotary", "RoutedParameters", "SRU", "SRULayer", "SRUpp", "SRUppAttention",
-           "SelectedBlock", "TransformerBlock", "colt5_router"]
+           "SelectedBlock", "SparseLinearAttention", "TransformerBlock", "colt5_router"]

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from condcomp.routing.types import check_finite
+
 ORDERS = (1, 2)
 
 
@@ -109,6 +111,8 @@ def select_past_blocks(queries: torch.Tensor, query_real: torch.Tensor, keys: to
     """
     b, g, nb, rows, _ = queries.shape
     with torch.no_grad():
+        check_finite(queries)
+        check_finite(keys)
         mean, var, count = block_summaries(keys, key_real)  # [b, g, nb, hd], [b, g|1, nb]
         count = count.expand(b, g, nb)
         scores = torch.full((b, g, nb, nb), float("-inf"), dtype=queries.dtype, device=queries.device)

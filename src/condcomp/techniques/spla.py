@@ -26,9 +26,9 @@ class SPLASettings(Settings):
     block: int = setting(64, ge=1, le=65536, help="key/query block size B (the length is padded up to a multiple)")
     top_k: int = setting(8, ge=0, le=65536, help="completed past blocks each query block reads exactly "
                                                   "(more than there are: all of them)")
-    selection: str | None = setting(None, choices=(None, *SELECTIONS),
+    selection: str | None = setting(None, choices=tuple(SELECTIONS),
                                     help="block score; default second_order for spla, first_order for block_sparse")
-    residual: str | None = setting(None, choices=(None, *RESIDUALS),
+    residual: str | None = setting(None, choices=RESIDUALS,
                                    help="the unselected blocks; default linear for spla, none for block_sparse")
 
 
