@@ -19,7 +19,7 @@ from condcomp.layers.sparse_linear_attention import (causal_linear_attention, fe
                                                       sparse_linear_attention)
 from condcomp.models import Transformer
 from condcomp.routing import RoutingError
-from condcomp.routing.block_select import block_scores, block_summaries, select_past_blocks
+from condcomp.routing.block_select import block_summaries, log_block_mass, select_past_blocks
 
 MODES = {"spla": {}, "block_sparse": dict(selection="first_order", residual="none"), "linear": dict(mode="linear")}
 
@@ -110,9 +110,9 @@ def test_spla_equals_the_brute_force_reference_outputs_and_gradients(t, block, t
 
 
 def test_residual_is_linear_attention_over_exactly_the_unselected_blocks():
-    b, g, nb, block, hd, r = 1, 2, 6, 3, 4, 2
+    b, g, r, nb, block, hd = 1, 2, 2, 6, 3, 4
     gen = torch.Generator().manual_seed(1)
-    qb = torch.randn(b, g, nb, r * block, hd, generator=gen, dtype=torch.float64)
+    q = torch.randn(b, g * r, nb * block, hd, generator=gen, dtype=torch.float64)
     kb = torch.randn(b, g, nb, block, hd, generator=gen, dtype=torch.float64)
     vb = torch.randn(b, g, nb, block, hd, generator=gen, dtype=torch.float64)
     key_real = torch.ones(b, 1, nb, block, dtype=torch.bool)
@@ -121,21 +121,21 @@ def test_residual_is_linear_attention_over_exactly_the_unselected_blocks():
     valid = torch.tensor([[[False, False], [True, False], [True, False], [True, True], [True, True], [True, True]]] * g)[None]
     bi = torch.arange(b)[:, None, None, None]
     gi = torch.arange(g)[None, :, None, None]
-    k_sel = kb[bi, gi, index].reshape(b, g, nb, 2 * block, hd)
-    v_sel = vb[bi, gi, index].reshape(b, g, nb, 2 * block, hd)
-    sel_real = (key_real[:, 0][bi, index] & valid[..., None]).reshape(b, g, nb, 2 * block)
-    num, den = linear_residual(qb, kb, vb, key_real, k_sel, v_sel, sel_real)
-    for gi_ in range(g):
+    num, den = linear_residual(q, kb, vb, key_real, index, valid, bi, gi)  # [b, g, nb, r, B, hd | 1]
+    for g_ in range(g):
         for i in range(nb):
-            chosen = {int(j) for j, ok in zip(index[0, gi_, i], valid[0, gi_, i]) if ok}
+            chosen = {int(j) for j, ok in zip(index[0, g_, i], valid[0, g_, i]) if ok}
             keys = [(j, p) for j in range(i) if j not in chosen for p in range(block) if key_real[0, 0, j, p]]
-            phi_q = feature_map(qb[0, gi_, i])
-            want_num = sum((phi_q @ feature_map(kb[0, gi_, j, p]))[:, None] * vb[0, gi_, j, p] for j, p in keys) \
-                if keys else torch.zeros(r * block, hd, dtype=torch.float64)
-            want_den = sum(phi_q @ feature_map(kb[0, gi_, j, p]) for j, p in keys) if keys else torch.zeros(r * block)
-            torch.testing.assert_close(num[0, gi_, i], want_num, rtol=1e-10, atol=1e-12)
-            torch.testing.assert_close(den[0, gi_, i, :, 0], torch.as_tensor(want_den, dtype=torch.float64),
-                                       rtol=1e-10, atol=1e-12)
+            for head in range(r):
+                phi_q = feature_map(q[0, g_ * r + head, i * block : (i + 1) * block])  # [B, hd]
+                want_num = torch.zeros(block, hd, dtype=torch.float64)
+                want_den = torch.zeros(block, dtype=torch.float64)
+                for j, p in keys:
+                    w = phi_q @ feature_map(kb[0, g_, j, p])
+                    want_num += w[:, None] * vb[0, g_, j, p]
+                    want_den += w
+                torch.testing.assert_close(num[0, g_, i, head], want_num, rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(den[0, g_, i, head, :, 0], want_den, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("t,block", [(23, 4), (8, 8), (5, 16)])
@@ -182,6 +182,8 @@ def test_layer_with_every_block_read_equals_attention_on_the_same_weights():
 
 
 def test_block_choice_equals_a_loop_reference():
+    """Block i is chosen for by block i - 1's queries (all heads of the group) through the two-sided
+    second-order estimate n_j exp(mu_q.mu_k)(1 + (mu_q^2.var_k + var_q.mu_k^2 + var_q.var_k) / 2)."""
     b, h, g, t, hd, block, top_k = 2, 4, 2, 40, 8, 5, 3
     q, k, _ = _qkv(b=b, h=h, g=g, t=t, hd=hd, seed=3)
     for order in (1, 2):
@@ -194,18 +196,14 @@ def test_block_choice_equals_a_loop_reference():
                         assert not valid[bi, gi, i].any()
                         continue
                     scorer = q[bi, gi * 2 : gi * 2 + 2, (i - 1) * block : i * block].reshape(-1, hd)
-                    shares = []
-                    for qq in scorer:
-                        logm = []
-                        for j in range(i):
-                            blk = ks[bi, gi, j * block : (j + 1) * block]
-                            mu, var = blk.mean(0), blk.var(0, unbiased=False)
-                            est = block * torch.exp(qq @ mu) * ((1 + 0.5 * (qq * qq) @ var) if order == 2 else 1)
-                            logm.append(est)
-                        est = torch.stack(logm)
-                        shares.append(est / est.sum())
-                    score = torch.stack(shares).mean(0)
-                    want = set(torch.topk(score, min(top_k, i)).indices.tolist())
+                    mu_q, var_q = scorer.mean(0), scorer.var(0, unbiased=False)
+                    est = []
+                    for j in range(i):
+                        blk = ks[bi, gi, j * block : (j + 1) * block]
+                        mu_k, var_k = blk.mean(0), blk.var(0, unbiased=False)
+                        second = 0.5 * ((mu_q**2) @ var_k + var_q @ (mu_k**2) + var_q @ var_k)
+                        est.append(block * torch.exp(mu_q @ mu_k) * ((1 + second) if order == 2 else 1))
+                    want = set(torch.topk(torch.stack(est), min(top_k, i)).indices.tolist())
                     got = {int(j) for j, ok in zip(index[bi, gi, i], valid[bi, gi, i]) if ok}
                     assert got == want, (order, bi, gi, i)
 
@@ -222,11 +220,13 @@ def test_second_order_score_prefers_the_spread_out_block_that_holds_more_mass():
     mean, var, count = block_summaries(keys, torch.ones(1, 2, 4, dtype=torch.bool))
     true_mass = torch.exp(keys[0] @ query[0]).sum(-1)
     assert true_mass[1] > true_mass[0]
-    real = torch.ones(1, 1, dtype=torch.bool)
-    second = block_scores(query[None], real, mean, var, count, order=2)
-    first = block_scores(query[None], real, mean, var, count, order=1)
+    no_spread = torch.zeros_like(query)
+    second = log_block_mass(query, no_spread, mean[0], var[0], count[0], order=2)
+    first = log_block_mass(query, no_spread, mean[0], var[0], count[0], order=1)
     assert second[0, 1] > second[0, 0]
     assert first[0, 1] == first[0, 0]
+    # Its estimate of the spread block's mass is closer to the truth than the mean-key one.
+    assert abs(second[0, 1].exp() - true_mass[1]) < abs(first[0, 1].exp() - true_mass[1])
 
 
 # ----------------------------------------------------------------------------------------------

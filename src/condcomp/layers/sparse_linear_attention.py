@@ -36,7 +36,7 @@ from torch import nn
 from condcomp.layers.attention import Attention
 from condcomp.layers.info import LayerInfo
 from condcomp.layers.kv_cache import KVCache
-from condcomp.routing.block_select import block_scores, block_summaries, select_past_blocks, top_blocks
+from condcomp.routing.block_select import block_summaries, log_block_mass, select_past_blocks, top_blocks
 
 SELECTIONS = {"second_order": 2, "first_order": 1}
 RESIDUALS = ("linear", "none")
@@ -68,6 +68,11 @@ def _unrows(y: torch.Tensor, heads: int, length: int) -> torch.Tensor:
     return y.view(b, g, nb, r, block, hd).permute(0, 1, 3, 2, 4, 5).reshape(b, heads, nb * block, hd)[:, :, :length]
 
 
+# A masked key gets this added to its logit through an extra coordinate: exp underflows to exactly
+# 0, and, unlike -inf, a row whose keys are all masked (a padded query) stays finite.
+MASKED_LOGIT = -1.0e4
+
+
 def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor | None, *,
                             block: int, top_k: int, order: int = 2, log_alpha: torch.Tensor | None = None,
                             selection: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -77,6 +82,15 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     q: [b, h, t, hd]; k, v: [b, g, t, hd] (g divides h; rotary applied); real: [b, t] bool or None.
     selection: (index, valid) [b, g, nb, top_k] to use instead of choosing (tests). Returns
     [b, h, t, hd]. The length is padded up to a multiple of ``block`` with masked keys.
+
+    One SDPA call per sequence does the exact part and the combination. Each query block is a batch
+    entry whose keys are [its chosen blocks, one "linear" key, its own block], so PyTorch's fused
+    kernel sees a small [block, keys] mask (lower-right causal) and never a [t, t] one. Two extra
+    coordinates carry the rest: masked keys (padding, unused slots) get MASKED_LOGIT added, and the
+    linear key gets logit log(alpha phi(q).z_R) - the linear residual's mass - from the query side,
+    with value e (a marker channel). The kernel's softmax then returns, per row, the exact part's
+    share of one normaliser times its output in the value channels, and the residual's share in the
+    marker channel; y = exact + share * (phi(q).R / phi(q).z_R).
     """
     b, h, t, hd = q.shape
     g = k.shape[1]
@@ -88,60 +102,81 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
         q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
         real = F.pad(real, (0, pad), value=False)
     scale = hd ** -0.5
-    qb = _rows(q, g, nb, block)  # [b, g, nb, rB, hd]
     kb, vb = k.view(b, g, nb, block, hd), v.view(b, g, nb, block, hd)
     key_real = real.view(b, 1, nb, block)
-    row_real = key_real[:, :, :, None, :].expand(b, 1, nb, r, block).reshape(b, 1, nb, r * block)
     if selection is None:
         with torch.autocast(q.device.type, enabled=False):
-            selection = select_past_blocks(_fp32(qb), row_real, _fp32(kb) * scale, key_real, top_k, order)
+            row_real = key_real[:, :, :, None, :].expand(b, 1, nb, r, block).reshape(b, 1, nb, r * block)
+            selection = select_past_blocks(_fp32(_rows(q, g, nb, block)), row_real, _fp32(kb) * scale, key_real,
+                                           top_k, order)
     index, valid = selection
     n_sel = index.shape[-1]
     bi = torch.arange(b, device=q.device)[:, None, None, None]
     gi = torch.arange(g, device=q.device)[None, :, None, None]
-    k_sel = kb[bi, gi, index].reshape(b, g, nb, n_sel * block, hd)  # [b, g, nb, k*B, hd]
-    v_sel = vb[bi, gi, index].reshape(b, g, nb, n_sel * block, hd)
-    sel_real = (key_real[:, 0][bi, index] & valid[..., None]).reshape(b, g, nb, n_sel * block)
-
-    pos = torch.arange(block, device=q.device)
-    own_causal = (pos[None, :] <= pos[:, None]).repeat(r, 1)  # [rB, B]: row (head, p) sees keys <= p
-    own_mask = own_causal & key_real[:, :, :, None, :]  # [b, 1, nb, rB, B]
-    mask = torch.cat([sel_real[:, :, :, None, :].expand(b, g, nb, r * block, n_sel * block),
-                      own_mask.expand(b, g, nb, r * block, block)], dim=-1)
-    mask = mask | ~row_real[..., None]  # padded query rows see everything: their rows are discarded
-    keys = torch.cat([k_sel, kb], dim=3)
-    values = torch.cat([v_sel, vb], dim=3)
-    logits = _fp32(qb @ keys.transpose(-1, -2).to(qb.dtype)) * scale
-    logits = logits.masked_fill(~mask, float("-inf"))
-    m = logits.amax(-1, keepdim=True).detach()
-    p = torch.exp(logits - m)
-    den = p.sum(-1, keepdim=True)
-    num = _fp32(p.to(values.dtype) @ values)
+    dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+    # Queries as [b*g*nb, r, B, hd + 2]: the block index is a batch entry, the group's heads its heads.
+    qb = q.view(b, g, r, nb, block, hd).transpose(2, 3).reshape(b * g * nb, r, block, hd)
+    k_sel = kb[bi, gi, index].reshape(b * g * nb, n_sel * block, hd)
+    v_sel = vb[bi, gi, index].reshape(b * g * nb, n_sel * block, hd)
+    sel_real = (key_real[:, 0][bi, index] & valid[..., None]).reshape(b * g * nb, n_sel * block)
+    own_real = key_real.expand(b, g, nb, block).reshape(b * g * nb, block)
+    masked = torch.cat([~sel_real, ~own_real], dim=1)[..., None].to(dtype) * (MASKED_LOGIT / scale)
+    keys = torch.cat([k_sel, kb.reshape(b * g * nb, block, hd)], dim=1).to(dtype)
+    values = torch.cat([v_sel, vb.reshape(b * g * nb, block, hd)], dim=1).to(dtype)
+    zeros = keys.new_zeros(*keys.shape[:2], 1)
+    keys = torch.cat([keys, zeros, masked], dim=-1)  # [N, S, hd + 2]: k, linear-key slot 0, mask
+    values = torch.cat([values, zeros], dim=-1)  # [N, S, hd + 1]: v, marker 0
+    ones = qb.new_ones(*qb.shape[:3], 1).to(dtype)
+    if log_alpha is None:
+        qx = torch.cat([qb.to(dtype), ones.new_zeros(ones.shape), ones], dim=-1)
+        n_linear = 0
+    else:
+        lin_num, lin_den = linear_residual(q, kb, vb, key_real, index, valid, bi, gi)  # [b, g, nb, r, B, hd|1]
+        log_share = (log_alpha.view(1, g, 1, r, 1, 1) + torch.log(lin_den.clamp(min=1e-30))).clamp(min=MASKED_LOGIT)
+        qx = torch.cat([qb.to(dtype), (log_share / scale).reshape(*qb.shape[:3], 1).to(dtype), ones], dim=-1)
+        linear_key = keys.new_zeros(keys.shape[0], 1, hd + 2)
+        linear_key[..., hd] = 1.0
+        marker = values.new_zeros(values.shape[0], 1, hd + 1)
+        marker[..., hd] = 1.0
+        keys = torch.cat([keys[:, : n_sel * block], linear_key, keys[:, n_sel * block :]], dim=1)
+        values = torch.cat([values[:, : n_sel * block], marker, values[:, n_sel * block :]], dim=1)
+        n_linear = 1
+    n_keys = keys.shape[1]
+    visible = torch.ones(block, n_keys, dtype=torch.bool, device=q.device)
+    visible[:, n_sel * block + n_linear :] = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
+    values = F.pad(values, (0, 1))  # the fused kernel wants one head size for q, k and v
+    out = F.scaled_dot_product_attention(qx, keys[:, None], values[:, None], attn_mask=visible, scale=scale,
+                                         enable_gqa=r > 1)[..., : hd + 1]  # [N, r, B, hd + 1]
+    y = out[..., :hd]
     if log_alpha is not None:
-        lin_num, lin_den = linear_residual(qb, kb, vb, key_real, k_sel, v_sel, sel_real)
-        row_log_alpha = log_alpha.view(g, r, 1).expand(g, r, block).reshape(1, g, 1, r * block, 1)
-        c = torch.exp((row_log_alpha - m).clamp(max=60.0))
-        num = num + c * lin_num
-        den = den + c * lin_den
-    y = (num / den).to(q.dtype)
-    return _unrows(y, h, t)
+        share = out[..., hd:].float() if out.dtype != torch.float64 else out[..., hd:]
+        resid = (lin_num / lin_den.clamp(min=1e-30)).reshape(*out.shape[:3], hd)
+        y = (_fp32(y) + share * resid)
+    y = y.reshape(b, g, nb, r, block, hd).permute(0, 1, 3, 2, 4, 5).reshape(b, h, nb * block, hd)[:, :, :t]
+    return y.to(q.dtype)
 
 
-def linear_residual(qb, kb, vb, key_real, k_sel, v_sel, sel_real) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear attention of each query row over the completed past blocks it did not select, by
-    state subtraction (prefix - selected), in fp32. Shapes as in ``sparse_linear_attention``.
-    Returns (numerator [b, g, nb, rB, hd], normaliser [b, g, nb, rB, 1])."""
-    with torch.autocast(qb.device.type, enabled=False):
+def linear_residual(q, kb, vb, key_real, index, valid, bi, gi) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear attention of every query over the completed past blocks its block did not choose, by
+    state subtraction (prefix - chosen) in fp32: unchosen keys are never read.
+
+    q: [b, h, T, hd] (T = nb * B); kb, vb: [b, g, nb, B, hd]; key_real: [b, 1, nb, B]; index, valid:
+    [b, g, nb, k]. Returns (numerator [b, g, nb, r, B, hd], normaliser [b, g, nb, r, B, 1]).
+    """
+    b, g, nb, block, hd = kb.shape
+    r = q.shape[1] // g
+    with torch.autocast(q.device.type, enabled=False):
         phi_k = feature_map(_fp32(kb)) * key_real[..., None]  # [b, g, nb, B, hd]
         states = phi_k.transpose(-1, -2) @ _fp32(vb)  # [b, g, nb, hd, hd]
         sums = phi_k.sum(-2)  # [b, g, nb, hd]
-        prefix = states.cumsum(2) - states  # blocks j < i
-        prefix_sum = sums.cumsum(2) - sums
-        phi_sel = feature_map(_fp32(k_sel)) * sel_real[..., None]
-        residual = prefix - phi_sel.transpose(-1, -2) @ _fp32(v_sel)
-        residual_sum = prefix_sum - phi_sel.sum(-2)
-        phi_q = feature_map(_fp32(qb))
-        return phi_q @ residual, (phi_q * residual_sum[:, :, :, None, :]).sum(-1, keepdim=True)
+        chosen = valid[..., None, None].to(states.dtype)
+        residual = states.cumsum(2) - states - (states[bi, gi, index] * chosen).sum(3)  # blocks j < i, not chosen
+        residual_sum = sums.cumsum(2) - sums - (sums[bi, gi, index] * chosen[..., 0]).sum(3)
+        phi_q = feature_map(_fp32(q)).view(b, g, r, nb, block, hd).transpose(2, 3)  # [b, g, nb, r, B, hd]
+        num = phi_q @ residual[:, :, :, None]
+        # Subtraction can leave -1e-16 where nothing remains; the mass is >= 0 by construction.
+        den = (phi_q * residual_sum[:, :, :, None, None, :]).sum(-1, keepdim=True).clamp(min=0)
+        return num, den
 
 
 def causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor | None, *,
@@ -298,9 +333,11 @@ class SparseLinearAttention(Attention):
             if scoring_queries is None or n_done == 0:
                 scores = cache.count.new_full((b, g, 0), float("-inf"))
             else:
-                rows = _fp32(scoring_queries).reshape(b, g, -1, hd)
+                rows = _fp32(scoring_queries).reshape(b, g, 1, -1, hd)
                 real = torch.ones(rows.shape[:-1], dtype=torch.bool, device=rows.device)
-                scores = block_scores(rows, real, cache.mean, cache.var, cache.count, None, SELECTIONS[self.selection])
+                q_mean, q_var, _ = block_summaries(rows, real)  # [b, g, 1, hd]
+                scores = log_block_mass(q_mean, q_var, cache.mean, cache.var, cache.count,
+                                        SELECTIONS[self.selection])[:, :, 0]
             # No padding slots here (forward pads to top_k with invalid ones; they read nothing).
             cache.index, cache.valid = top_blocks(scores, min(self.top_k if self.mode == "sparse" else 0, n_done))
             cache.residual, cache.residual_sum = cache.prefix.clone(), cache.prefix_sum.clone()

@@ -3,24 +3,26 @@ past key blocks each query block reads exactly. Keys are the "experts" here and 
 chooses its top-k of them; the layer gathers the chosen blocks (``SparseLinearAttention``).
 
 The estimate. A query q reads a key block j of n_j keys with softmax mass proportional to
-M_j(q) = sum_{k in j} exp(q.k), logits pre-scaled by 1/sqrt(head_dim). Expanding exp(q.k) to second
-order around the block's mean key mu_j and taking the expectation over the block's keys:
+M_j(q) = sum_{k in j} exp(q.k), logits pre-scaled by 1/sqrt(head_dim). A block of queries is
+scored by its mean mass, E_q M_j(q) = n_j E_q E_k exp(q.k). Writing q = mu_q + a and k = mu_k + c
+(a, c zero-mean, independent) and expanding exp to second order around mu_q.mu_k:
 
-    M_j(q) ~ n_j exp(q.mu_j) (1 + q^T Sigma_j q / 2)
+    E exp(q.k) ~ exp(mu_q.mu_k) (1 + (mu_q^T Sigma_k mu_q + mu_k^T Sigma_q mu_k + tr(Sigma_q Sigma_k)) / 2)
 
-(the first-order term vanishes because the keys' deviations from their mean sum to zero). We keep
-only the diagonal of Sigma_j, the per-dimension key variance: the full covariance is head_dim^2
-numbers per block (as large as a linear-attention state) and costs head_dim^2 per (query, block)
-pair, while the diagonal costs head_dim, like the mean term, and keeps the ranking's
-"spread-out blocks can hold a large logit" signal. ``order=1`` drops the variance term: the
-mean-key score InfLLM-style block-sparse methods use.
+(the first-order term has zero mean). We keep only the diagonals of the covariances, the
+per-dimension variances: a full Sigma is head_dim^2 numbers per block (as large as a
+linear-attention state) and costs head_dim^2 per pair of blocks, while the diagonal costs
+head_dim, like the mean term, and keeps the ranking's "spread-out keys can hold a large logit"
+signal. With one scoring query (Sigma_q = 0) this is the per-query estimate
+n_j exp(q.mu_k)(1 + q^T Sigma_k q / 2). Summarising the queries too makes choosing cost
+O(blocks^2 * head_dim) rather than O(tokens * blocks * head_dim). ``order=1`` keeps only
+n_j exp(mu_q.mu_k): the mean-key score of InfLLM-style block-sparse methods.
 
-Causality. The scoring queries of query block i are the queries of block i - 1: every one of them
-sits before the first query of block i, so no output depends on a later token through the
-choice, and decoding can choose block i's keys the moment block i begins (decode == forward).
-A query's share of each candidate block (its estimated masses normalised over the candidates) is
-averaged over those queries (all heads of a key/value group choose together), and the top-k
-candidates win; with fewer candidates than k, all of them are taken.
+Causality. Query block i is scored by the queries of block i - 1: every one of them sits before
+the first query of block i, so no output depends on a later token through the choice, and
+decoding chooses block i's keys the moment block i begins (decode == forward). All query heads
+of a key/value group choose together. The top-k candidates (blocks 0..i-1) win; with fewer
+candidates than k, all of them are taken.
 """
 
 from __future__ import annotations
@@ -47,39 +49,23 @@ def block_summaries(keys: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tenso
     return mean, var, count[..., 0]
 
 
-def log_block_mass(queries: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor,
-                   order: int = 2) -> torch.Tensor:
-    """log M_j(q) for every query and block (module docstring); -inf for empty blocks.
+def log_block_mass(q_mean: torch.Tensor, q_var: torch.Tensor, k_mean: torch.Tensor, k_var: torch.Tensor,
+                   k_count: torch.Tensor, order: int = 2) -> torch.Tensor:
+    """log of the estimated mean mass of each key block for each group of scoring queries (module
+    docstring); -inf for empty key blocks.
 
-    queries: [..., rows, head_dim]; mean, var: [..., n_blocks, head_dim]; count: [..., n_blocks].
-    Returns [..., rows, n_blocks].
+    q_mean, q_var: [..., n_query_groups, head_dim]; k_mean, k_var: [..., n_blocks, head_dim];
+    k_count: [..., n_blocks]. Returns [..., n_query_groups, n_blocks].
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order}")
-    log_mass = queries @ mean.transpose(-1, -2) + torch.log(count)[..., None, :]
+    log_mass = q_mean @ k_mean.transpose(-1, -2) + torch.log(k_count)[..., None, :]
     if order == 2:
-        log_mass = log_mass + torch.log1p(0.5 * (queries * queries) @ var.transpose(-1, -2))
+        # mu_q^2 . var_k + var_q . (mu_k^2 + var_k), as one matmul of concatenated features.
+        left = torch.cat([q_mean * q_mean, q_var], dim=-1)
+        right = torch.cat([k_var, k_mean * k_mean + k_var], dim=-1)
+        log_mass = log_mass + torch.log1p(0.5 * left @ right.transpose(-1, -2))
     return log_mass
-
-
-def block_scores(queries: torch.Tensor, query_real: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                 count: torch.Tensor, candidates: torch.Tensor | None = None, order: int = 2) -> torch.Tensor:
-    """Each candidate block's share of the scoring queries' estimated mass, averaged over the real
-    queries: [..., n_blocks], -inf where a block is no candidate (or empty).
-
-    queries: [..., rows, head_dim]; query_real: [..., rows] bool; mean/var/count as from
-    ``block_summaries`` with n_blocks blocks; candidates: bool, broadcastable to [..., n_blocks].
-    """
-    log_mass = log_block_mass(queries, mean, var, count, order)  # [..., rows, nb]
-    blocked = count <= 0
-    if candidates is not None:
-        blocked = blocked | ~candidates
-    log_mass = log_mass.masked_fill(blocked[..., None, :], float("-inf"))
-    # A row with no candidate at all is all -inf: its softmax is NaN, zeroed (and it has no choice to make).
-    share = torch.softmax(log_mass, dim=-1).nan_to_num(0.0)
-    w = query_real.to(share.dtype)[..., None]
-    score = (share * w).sum(-2) / w.sum(-2).clamp(min=1)
-    return score.masked_fill(blocked, float("-inf"))
 
 
 def top_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,29 +86,24 @@ def top_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def select_past_blocks(queries: torch.Tensor, query_real: torch.Tensor, keys: torch.Tensor, key_real: torch.Tensor,
-                       k: int, order: int = 2, chunk_elements: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+                       k: int, order: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal block selection over a whole sequence (the forward pass).
 
     queries: [b, g, nb, rows, hd], the rows of query block i being every query head of the group
-    at every position of the block; query_real: [b, nb, rows] or broadcastable; keys: [b, g, nb,
-    block, hd] and key_real: [b, 1, nb, block], both scaled like the logits. Block i is scored by
-    the queries of block i - 1 against blocks 0..i-1. Returns (index, valid), [b, g, nb, k].
-    Runs without gradient (the choice is discrete), in chunks of query blocks to bound memory.
+    at every position of the block; query_real: [b, 1, nb, rows]; keys: [b, g, nb, block, hd]
+    scaled by 1/sqrt(hd); key_real: [b, 1, nb, block]. Block i is scored by the queries of block
+    i - 1 against blocks 0..i-1. Returns (index, valid), [b, g, nb, k]. No gradient: the choice is
+    discrete.
     """
-    b, g, nb, rows, _ = queries.shape
+    b, g, nb = queries.shape[:3]
     with torch.no_grad():
         check_finite(queries)
         check_finite(keys)
-        mean, var, count = block_summaries(keys, key_real)  # [b, g, nb, hd], [b, g|1, nb]
-        count = count.expand(b, g, nb)
-        scores = torch.full((b, g, nb, nb), float("-inf"), dtype=queries.dtype, device=queries.device)
-        step = max(1, chunk_elements // max(1, b * g * rows * nb))
-        block_ids = torch.arange(nb, device=queries.device)
-        for start in range(1, nb, step):
-            stop = min(nb, start + step)
-            scorer = queries[:, :, start - 1 : stop - 1]  # queries of the block before each chosen-for block
-            scorer_real = query_real[..., start - 1 : stop - 1, :]
-            candidates = block_ids[None, :] < block_ids[start:stop, None]  # [chunk, nb]: j < i
-            scores[:, :, start:stop] = block_scores(scorer, scorer_real, mean[:, :, None], var[:, :, None],
-                                                    count[:, :, None], candidates, order)
+        q_mean, q_var, _ = block_summaries(queries, query_real)  # [b, g, nb, hd]
+        k_mean, k_var, k_count = block_summaries(keys, key_real)
+        log_mass = log_block_mass(q_mean[:, :, :-1], q_var[:, :, :-1], k_mean, k_var, k_count, order)  # [b, g, nb-1, nb]
+        ids = torch.arange(nb, device=queries.device)
+        later = ids[None, :] >= ids[1:, None]  # chosen-for block i = 1.. may read blocks j < i only
+        scores = torch.full((b, g, nb, nb), float("-inf"), dtype=log_mass.dtype, device=log_mass.device)
+        scores[:, :, 1:] = log_mass.masked_fill(later, float("-inf"))
         return top_blocks(scores, k)
