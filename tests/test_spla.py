@@ -119,9 +119,7 @@ def test_residual_is_linear_attention_over_exactly_the_unselected_blocks():
     key_real[0, 0, 1, 2] = False
     index = torch.tensor([[[0, 0], [0, 0], [1, 0], [0, 2], [3, 1], [4, 0]]] * g).unsqueeze(0)
     valid = torch.tensor([[[False, False], [True, False], [True, False], [True, True], [True, True], [True, True]]] * g)[None]
-    bi = torch.arange(b)[:, None, None, None]
-    gi = torch.arange(g)[None, :, None, None]
-    num, den = linear_residual(q, kb, vb, key_real, index, valid, bi, gi)  # [b, g, nb, r, B, hd | 1]
+    num, den = linear_residual(q, kb, vb, key_real, index, valid)  # [b, g, nb, r, B, hd | 1]
     for g_ in range(g):
         for i in range(nb):
             chosen = {int(j) for j, ok in zip(index[0, g_, i], valid[0, g_, i]) if ok}

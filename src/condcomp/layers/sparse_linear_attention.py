@@ -83,14 +83,19 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     selection: (index, valid) [b, g, nb, top_k] to use instead of choosing (tests). Returns
     [b, h, t, hd]. The length is padded up to a multiple of ``block`` with masked keys.
 
-    One SDPA call per sequence does the exact part and the combination. Each query block is a batch
-    entry whose keys are [its chosen blocks, one "linear" key, its own block], so PyTorch's fused
-    kernel sees a small [block, keys] mask (lower-right causal) and never a [t, t] one. Two extra
-    coordinates carry the rest: masked keys (padding, unused slots) get MASKED_LOGIT added, and the
-    linear key gets logit log(alpha phi(q).z_R) - the linear residual's mass - from the query side,
-    with value e (a marker channel). The kernel's softmax then returns, per row, the exact part's
-    share of one normaliser times its output in the value channels, and the residual's share in the
-    marker channel; y = exact + share * (phi(q).R / phi(q).z_R).
+    How it runs: one fused SDPA call does the exact part and the combination. Each query block is a
+    batch entry whose keys are its chosen blocks followed by its own block, gathered in one copy, so
+    the kernel sees a small [B, keys] lower-right causal mask, never a [t, t] one. Every block is
+    stored with one extra slot in front, the "linear key", and keys and queries get two extra
+    coordinates:
+      - a masked key (padding; the all-masked block that unused choice slots point at) has
+        MASKED_LOGIT / scale in the last coordinate, which every query multiplies by 1;
+      - a linear key is [0, 1, 0] with value [0, 1] (a marker channel), and a query row carries
+        (log(alpha phi(q).z_R) - log n) / scale in that coordinate, n being the number of linear
+        keys it reads (one per gathered block), so together they hold exactly the residual's mass.
+    The kernel's softmax then gives, per row, the exact keys' share of the one normaliser times
+    their values, and the residual's share in the marker channel:
+    y = exact + share * (phi(q).R / phi(q).z_R).
     """
     b, h, t, hd = q.shape
     g = k.shape[1]
@@ -111,52 +116,46 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
                                            top_k, order)
     index, valid = selection
     n_sel = index.shape[-1]
+    dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+
+    # Blocks with their linear-key slot: [b, g, nb + 1, 1 + B, hd + 2]; block nb is all masked.
+    keys = kb.new_zeros(b, g, nb + 1, 1 + block, hd + 2, dtype=dtype)
+    keys[:, :, :nb, 1:, :hd] = kb
+    keys[:, :, :nb, 1:, hd + 1] = (~key_real).to(dtype) * (MASKED_LOGIT / scale)
+    keys[:, :, :, 0, hd] = 1.0
+    keys[:, :, nb, :, hd + 1] = MASKED_LOGIT / scale
+    values = vb.new_zeros(b, g, nb + 1, 1 + block, hd + 2, dtype=dtype)  # one head size for the fused kernel
+    values[:, :, :nb, 1:, :hd] = vb
+    values[:, :, :, 0, hd] = 1.0
+    own = torch.arange(nb, device=q.device).expand(b, g, nb)[..., None]
+    gather = torch.cat([torch.where(valid, index, nb), own], dim=-1)  # [b, g, nb, k + 1]: chosen, then own
     bi = torch.arange(b, device=q.device)[:, None, None, None]
     gi = torch.arange(g, device=q.device)[None, :, None, None]
-    dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
-    # Queries as [b*g*nb, r, B, hd + 2]: the block index is a batch entry, the group's heads its heads.
-    qb = q.view(b, g, r, nb, block, hd).transpose(2, 3).reshape(b * g * nb, r, block, hd)
-    k_sel = kb[bi, gi, index].reshape(b * g * nb, n_sel * block, hd)
-    v_sel = vb[bi, gi, index].reshape(b * g * nb, n_sel * block, hd)
-    sel_real = (key_real[:, 0][bi, index] & valid[..., None]).reshape(b * g * nb, n_sel * block)
-    own_real = key_real.expand(b, g, nb, block).reshape(b * g * nb, block)
-    masked = torch.cat([~sel_real, ~own_real], dim=1)[..., None].to(dtype) * (MASKED_LOGIT / scale)
-    keys = torch.cat([k_sel, kb.reshape(b * g * nb, block, hd)], dim=1).to(dtype)
-    values = torch.cat([v_sel, vb.reshape(b * g * nb, block, hd)], dim=1).to(dtype)
-    zeros = keys.new_zeros(*keys.shape[:2], 1)
-    keys = torch.cat([keys, zeros, masked], dim=-1)  # [N, S, hd + 2]: k, linear-key slot 0, mask
-    values = torch.cat([values, zeros], dim=-1)  # [N, S, hd + 1]: v, marker 0
-    ones = qb.new_ones(*qb.shape[:3], 1).to(dtype)
+    n_keys = (n_sel + 1) * (1 + block)
+    keys = keys[bi, gi, gather].view(b * g * nb, 1, n_keys, hd + 2)
+    values = values[bi, gi, gather].view(b * g * nb, 1, n_keys, hd + 2)
+
+    qb = q.view(b, g, r, nb, block, hd).transpose(2, 3)  # [b, g, nb, r, B, hd]
     if log_alpha is None:
-        qx = torch.cat([qb.to(dtype), ones.new_zeros(ones.shape), ones], dim=-1)
-        n_linear = 0
+        slot_logit = qb.new_full((*qb.shape[:-1], 1), MASKED_LOGIT)
     else:
-        lin_num, lin_den = linear_residual(q, kb, vb, key_real, index, valid, bi, gi)  # [b, g, nb, r, B, hd|1]
-        log_share = (log_alpha.view(1, g, 1, r, 1, 1) + torch.log(lin_den.clamp(min=1e-30))).clamp(min=MASKED_LOGIT)
-        qx = torch.cat([qb.to(dtype), (log_share / scale).reshape(*qb.shape[:3], 1).to(dtype), ones], dim=-1)
-        linear_key = keys.new_zeros(keys.shape[0], 1, hd + 2)
-        linear_key[..., hd] = 1.0
-        marker = values.new_zeros(values.shape[0], 1, hd + 1)
-        marker[..., hd] = 1.0
-        keys = torch.cat([keys[:, : n_sel * block], linear_key, keys[:, n_sel * block :]], dim=1)
-        values = torch.cat([values[:, : n_sel * block], marker, values[:, n_sel * block :]], dim=1)
-        n_linear = 1
-    n_keys = keys.shape[1]
+        lin_num, lin_den = linear_residual(q, kb, vb, key_real, index, valid)  # [b, g, nb, r, B, hd | 1]
+        n_linear = (valid.sum(-1) + 1).to(lin_den.dtype)[:, :, :, None, None, None]  # linear keys each row reads
+        slot_logit = (log_alpha.view(1, g, 1, r, 1, 1) + torch.log(lin_den.clamp(min=1e-30))
+                      - torch.log(n_linear)).clamp(min=MASKED_LOGIT)
+    qx = torch.cat([qb.to(dtype), (slot_logit / scale).to(dtype), qb.new_ones(*qb.shape[:-1], 1, dtype=dtype)], -1)
     visible = torch.ones(block, n_keys, dtype=torch.bool, device=q.device)
-    visible[:, n_sel * block + n_linear :] = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
-    values = F.pad(values, (0, 1))  # the fused kernel wants one head size for q, k and v
-    out = F.scaled_dot_product_attention(qx, keys[:, None], values[:, None], attn_mask=visible, scale=scale,
-                                         enable_gqa=r > 1)[..., : hd + 1]  # [N, r, B, hd + 1]
+    visible[:, n_keys - block :] = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
+    out = F.scaled_dot_product_attention(qx.view(b * g * nb, r, block, hd + 2), keys, values, attn_mask=visible,
+                                         scale=scale, enable_gqa=r > 1).view(b, g, nb, r, block, hd + 2)
     y = out[..., :hd]
     if log_alpha is not None:
-        share = out[..., hd:].float() if out.dtype != torch.float64 else out[..., hd:]
-        resid = (lin_num / lin_den.clamp(min=1e-30)).reshape(*out.shape[:3], hd)
-        y = (_fp32(y) + share * resid)
-    y = y.reshape(b, g, nb, r, block, hd).permute(0, 1, 3, 2, 4, 5).reshape(b, h, nb * block, hd)[:, :, :t]
-    return y.to(q.dtype)
+        share = _fp32(out[..., hd : hd + 1])
+        y = _fp32(y) + share * (lin_num / lin_den.clamp(min=1e-30))
+    return y.permute(0, 1, 3, 2, 4, 5).reshape(b, h, nb * block, hd)[:, :, :t].to(q.dtype)
 
 
-def linear_residual(q, kb, vb, key_real, index, valid, bi, gi) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_residual(q, kb, vb, key_real, index, valid) -> tuple[torch.Tensor, torch.Tensor]:
     """Linear attention of every query over the completed past blocks its block did not choose, by
     state subtraction (prefix - chosen) in fp32: unchosen keys are never read.
 
@@ -169,9 +168,16 @@ def linear_residual(q, kb, vb, key_real, index, valid, bi, gi) -> tuple[torch.Te
         phi_k = feature_map(_fp32(kb)) * key_real[..., None]  # [b, g, nb, B, hd]
         states = phi_k.transpose(-1, -2) @ _fp32(vb)  # [b, g, nb, hd, hd]
         sums = phi_k.sum(-2)  # [b, g, nb, hd]
-        chosen = valid[..., None, None].to(states.dtype)
-        residual = states.cumsum(2) - states - (states[bi, gi, index] * chosen).sum(3)  # blocks j < i, not chosen
-        residual_sum = sums.cumsum(2) - sums - (sums[bi, gi, index] * chosen[..., 0]).sum(3)
+        residual = states.cumsum(2) - states  # blocks j < i
+        residual_sum = sums.cumsum(2) - sums
+        # Subtract the chosen blocks' states, one choice slot at a time (never a [.., k, hd, hd] copy).
+        flat_states, flat_sums = states.reshape(b * g * nb, hd, hd), sums.reshape(b * g * nb, hd)
+        offset = torch.arange(b * g, device=q.device).view(b, g, 1) * nb
+        for slot in range(index.shape[-1]):
+            rows = (index[..., slot] + offset).reshape(-1)
+            chosen = valid[..., slot].reshape(b, g, nb, 1).to(states.dtype)
+            residual = residual - flat_states.index_select(0, rows).view(b, g, nb, hd, hd) * chosen[..., None]
+            residual_sum = residual_sum - flat_sums.index_select(0, rows).view(b, g, nb, hd) * chosen
         phi_q = feature_map(_fp32(q)).view(b, g, r, nb, block, hd).transpose(2, 3)  # [b, g, nb, r, B, hd]
         num = phi_q @ residual[:, :, :, None]
         # Subtraction can leave -1e-16 where nothing remains; the mass is >= 0 by construction.
