@@ -156,8 +156,8 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
 
 
 def linear_residual(q, kb, vb, key_real, index, valid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear attention of every query over the completed past blocks its block did not choose, by
-    state subtraction (prefix - chosen) in fp32: unchosen keys are never read.
+    """Linear attention of every query over the completed past blocks its block did not choose, from
+    per-block states in fp32 (prefix minus chosen): unchosen keys are never read.
 
     q: [b, h, T, hd] (T = nb * B); kb, vb: [b, g, nb, B, hd]; key_real: [b, 1, nb, B]; index, valid:
     [b, g, nb, k]. Returns (numerator [b, g, nb, r, B, hd], normaliser [b, g, nb, r, B, 1]).
@@ -168,16 +168,13 @@ def linear_residual(q, kb, vb, key_real, index, valid) -> tuple[torch.Tensor, to
         phi_k = feature_map(_fp32(kb)) * key_real[..., None]  # [b, g, nb, B, hd]
         states = phi_k.transpose(-1, -2) @ _fp32(vb)  # [b, g, nb, hd, hd]
         sums = phi_k.sum(-2)  # [b, g, nb, hd]
-        residual = states.cumsum(2) - states  # blocks j < i
-        residual_sum = sums.cumsum(2) - sums
-        # Subtract the chosen blocks' states, one choice slot at a time (never a [.., k, hd, hd] copy).
-        flat_states, flat_sums = states.reshape(b * g * nb, hd, hd), sums.reshape(b * g * nb, hd)
-        offset = torch.arange(b * g, device=q.device).view(b, g, 1) * nb
-        for slot in range(index.shape[-1]):
-            rows = (index[..., slot] + offset).reshape(-1)
-            chosen = valid[..., slot].reshape(b, g, nb, 1).to(states.dtype)
-            residual = residual - flat_states.index_select(0, rows).view(b, g, nb, hd, hd) * chosen[..., None]
-            residual_sum = residual_sum - flat_sums.index_select(0, rows).view(b, g, nb, hd) * chosen
+        # unread[i, j] = 1 for the completed past blocks j < i that block i did not choose: the residual
+        # state is prefix minus chosen, summed as one matrix product (no cancellation, no [.., k, hd, hd] copy).
+        unread = torch.ones(nb, nb + 1, dtype=states.dtype, device=q.device).tril(-1).expand(b, g, nb, nb + 1).clone()
+        unread.scatter_(-1, torch.where(valid, index, nb), 0.0)
+        unread = unread[..., :nb]
+        residual = (unread @ states.reshape(b, g, nb, hd * hd)).view(b, g, nb, hd, hd)
+        residual_sum = unread @ sums
         phi_q = feature_map(_fp32(q)).view(b, g, r, nb, block, hd).transpose(2, 3)  # [b, g, nb, r, B, hd]
         num = phi_q @ residual[:, :, :, None]
         # Subtraction can leave -1e-16 where nothing remains; the mass is >= 0 by construction.

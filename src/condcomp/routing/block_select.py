@@ -44,8 +44,10 @@ def block_summaries(keys: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tenso
     w = real.to(keys.dtype)[..., None]
     count = w.sum(-2)  # [..., nb, 1]
     safe = count.clamp(min=1)
-    mean = (keys * w).sum(-2) / safe
-    var = (((keys - mean[..., None, :]) ** 2) * w).sum(-2) / safe
+    weighted = keys * w
+    mean = weighted.sum(-2) / safe
+    # E[x^2] - mean^2: two reductions in one pass over the keys; clamped against rounding below 0.
+    var = ((weighted * keys).sum(-2) / safe - mean * mean).clamp(min=0)
     return mean, var, count[..., 0]
 
 
@@ -97,10 +99,10 @@ def select_past_blocks(queries: torch.Tensor, query_real: torch.Tensor, keys: to
     """
     b, g, nb = queries.shape[:3]
     with torch.no_grad():
-        check_finite(queries)
-        check_finite(keys)
         q_mean, q_var, _ = block_summaries(queries, query_real)  # [b, g, nb, hd]
         k_mean, k_var, k_count = block_summaries(keys, key_real)
+        for summary in (q_mean, q_var, k_mean, k_var):  # a NaN or inf anywhere reaches these
+            check_finite(summary)
         log_mass = log_block_mass(q_mean[:, :, :-1], q_var[:, :, :-1], k_mean, k_var, k_count, order)  # [b, g, nb-1, nb]
         ids = torch.arange(nb, device=queries.device)
         later = ids[None, :] >= ids[1:, None]  # chosen-for block i = 1.. may read blocks j < i only
