@@ -129,11 +129,12 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     values[:, :, :, 0, hd] = 1.0
     own = torch.arange(nb, device=q.device).expand(b, g, nb)[..., None]
     gather = torch.cat([torch.where(valid, index, nb), own], dim=-1)  # [b, g, nb, k + 1]: chosen, then own
-    bi = torch.arange(b, device=q.device)[:, None, None, None]
-    gi = torch.arange(g, device=q.device)[None, :, None, None]
     n_keys = (n_sel + 1) * (1 + block)
-    keys = keys[bi, gi, gather].view(b * g * nb, 1, n_keys, hd + 2)
-    values = values[bi, gi, gather].view(b * g * nb, 1, n_keys, hd + 2)
+    # index_select on a flat block axis: its backward is index_add_, far faster on CPU than the
+    # accumulating index_put_ that advanced indexing's backward runs.
+    rows = (gather + torch.arange(b * g, device=q.device).view(b, g, 1, 1) * (nb + 1)).reshape(-1)
+    keys = keys.view(b * g * (nb + 1), 1 + block, hd + 2).index_select(0, rows).view(b * g * nb, 1, n_keys, hd + 2)
+    values = values.view(b * g * (nb + 1), 1 + block, hd + 2).index_select(0, rows).view(b * g * nb, 1, n_keys, hd + 2)
 
     qb = q.view(b, g, r, nb, block, hd).transpose(2, 3)  # [b, g, nb, r, B, hd]
     if log_alpha is None:
