@@ -1,35 +1,41 @@
-"""Long-context attention: dense SDPA, CoLT5 conditional attention, block-sparse, SPLA and linear
-attention, side by side on the same input — forward, forward+backward and per-token decode time,
-and peak memory, at several lengths and precisions.
+"""Long-context attention: dense SDPA, block-sparse, SPLA and linear attention side by side on the
+same input (forward, forward+backward and per-token decode time, peak memory), plus whole layers
+with their projections and CoLT5's conditional attention.
 
     python benchmarks/long_attention.py                       # 4k and 16k, fp32 and bf16
     python benchmarks/long_attention.py --lengths 65536 --skip-dense-backward-above 16384
 
-One attention layer (d_model 512, 8 heads, B 64, k 8 by default), batch 1, projections included.
+Attention core: q, k, v [1, 8, t, 64] in, the attention output out: the part the methods differ
+in. Whole layer: d_model 512, 8 heads, projections included, batch 1 (CoLT5 has its own light and
+heavy projections and routers, so it is compared here). Decoding: one new token of an attention
+layer whose cache already holds t tokens. Defaults: B 64, k 8.
 Times are medians of rounds in which every method runs once in turn (drift hits all alike). Peak
 memory is measured in a fresh process per (method, length, precision, phase): the largest resident
 set size during one call minus the resident size just before it, so it counts every transient
-buffer (score matrices, gathered blocks) as well as what autograd keeps. The last rows give the
-plain-GEMM rate measured in the same run, the machine's ceiling for these kernels.
+buffer (gathered blocks, states) as well as what autograd keeps. The plain-GEMM rate measured in the
+same run is the machine's ceiling for these kernels.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from condcomp.bench.measure import timed_alternating
 from condcomp.layers import Attention, ConditionalAttention, KVCache, SparseLinearAttention
+from condcomp.layers.sparse_linear_attention import causal_linear_attention, sparse_linear_attention
 from condcomp.train.optim import autocast
 
-METHODS = ("dense", "colt5", "block_sparse", "spla", "linear")
-DECODERS = ("dense", "block_sparse", "spla", "linear")
+METHODS = ("dense", "colt5", "block_sparse", "spla", "spla_recompute", "linear")
+CORES = ("dense", "block_sparse", "spla", "spla_recompute", "linear")  # CoLT5's attention is not one core: timed as a layer only
+DECODERS = CORES
 
 
 def build(method: str, *, d_model: int, heads: int, block: int, top_k: int, max_len: int, seed: int = 0):
@@ -43,7 +49,45 @@ def build(method: str, *, d_model: int, heads: int, block: int, top_k: int, max_
         return SparseLinearAttention(**kw, selection="first_order", residual="none")
     if method == "linear":
         return SparseLinearAttention(**kw, mode="linear")
-    return SparseLinearAttention(**kw)
+    return SparseLinearAttention(**kw, recompute=method == "spla_recompute")
+
+
+def core(method: str, *, block: int, top_k: int):
+    """The attention computation alone, (q [1, h, t, hd], k, v [1, g, t, hd]) -> [1, h, t, hd]:
+    what differs between the methods (their projections are the same)."""
+    if method == "dense":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    if method == "linear":
+        return lambda q, k, v: causal_linear_attention(q, k, v, None, block=block)
+    order, log_alpha = (1, None) if method == "block_sparse" else (2, torch.full((q_heads[0],), -4.0))
+    return lambda q, k, v: sparse_linear_attention(q, k, v, None, block=block, top_k=top_k, order=order,
+                                                   log_alpha=log_alpha, recompute=method == "spla_recompute")
+
+
+q_heads = [8]
+
+
+def core_callables(method: str, length: int, args, precision: str):
+    """(forward without grad, forward+backward) of the attention core on random rotated q, k, v."""
+    fn = core(method, block=args.block, top_k=args.top_k)
+    g = torch.Generator().manual_seed(3)
+    hd = args.d_model // args.heads
+    q, k, v = (torch.randn(1, args.heads, length, hd, generator=g) for _ in range(3))
+
+    def forward():
+        with torch.no_grad(), autocast(precision):
+            fn(q, k, v)
+
+    leaves = [z.clone().requires_grad_(True) for z in (q, k, v)]
+
+    def both():
+        with autocast(precision):
+            y = fn(*leaves)
+        y.float().sum().backward()
+        for z in leaves:
+            z.grad = None
+
+    return forward, both
 
 
 def _input(length: int, d_model: int, seed: int = 1) -> torch.Tensor:
@@ -110,27 +154,35 @@ def peak_rss_probe(method: str, length: int, precision: str, phase: str, args) -
     cmd = [sys.executable, __file__, "--probe", method, str(length), precision, phase,
            "--d-model", str(args.d_model), "--heads", str(args.heads), "--block", str(args.block),
            "--top-k", str(args.top_k)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    # A fixed mmap threshold makes glibc return every large block to the OS when freed, so the
+    # resident size follows live memory instead of the allocator's cache.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return float(out.strip().splitlines()[-1])
 
 
 def _probe(method: str, length: int, precision: str, phase: str, args) -> None:
-    layer = build(method, d_model=args.d_model, heads=args.heads, block=args.block, top_k=args.top_k, max_len=length + 8)
     if phase == "decode":
+        layer = build(method, d_model=args.d_model, heads=args.heads, block=args.block, top_k=args.top_k,
+                      max_len=length + 8)
         fn = decode_callable(layer, length, args.d_model, precision)
-    else:
-        forward, both = callables(layer, _input(length, args.d_model), precision)
+    else:  # the attention core, as timed
+        forward, both = core_callables(method, length, args, precision)
         fn = forward if phase == "forward" else both
-    before = _rss_now()
+    fn()  # warm-up: one-time allocations (thread pools, kernels' scratch) are not the method's
+    before = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak resident size (VmHWM) to now
+        f.write("5")
     fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
-    print(max(0.0, peak - before))
+    print(max(0.0, _status_mib("VmHWM") - before))
 
 
-def _rss_now() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def gemm_rate(precision: str, n: int = 2048) -> float:
@@ -153,8 +205,10 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--decode-rounds", type=int, default=50)
     p.add_argument("--skip-dense-backward-above", type=int, default=1 << 30,
-                   help="dense/CoLT5 forward+backward only up to this length (it grows quadratically)")
+                   help="dense forward+backward only up to this length (it grows quadratically)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    p.add_argument("--layers-up-to", type=int, default=16384,
+                   help="also time whole layers (projections, CoLT5) up to this length")
     p.add_argument("--json", help="write every measurement here")
     p.add_argument("--probe", nargs=4, metavar=("METHOD", "LENGTH", "PRECISION", "PHASE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -164,35 +218,43 @@ def main(argv=None) -> None:
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; d_model {args.d_model}, {args.heads} heads, "
           f"block {args.block}, top_k {args.top_k}, batch 1")
-    rows = []
+    q_heads[0] = args.heads
+    rows, layer_rows = [], []
     for precision in args.precisions:
         rate = gemm_rate(precision)
         print(f"\n{precision}: plain GEMM 2048^3 {rate:.0f} GFLOP/s")
         for length in args.lengths:
+            t0 = time.perf_counter()
+            cores = [m for m in args.methods if m in CORES]
+            fns = {m: core_callables(m, length, args, precision) for m in cores}
+            big = length > args.skip_dense_backward_above
+            fwd = timed_alternating({m: f for m, (f, _) in fns.items()}, args.rounds)
+            both = timed_alternating({m: b for m, (_, b) in fns.items() if not (big and m == "dense")}, args.rounds)
             layers = {m: build(m, d_model=args.d_model, heads=args.heads, block=args.block, top_k=args.top_k,
                                max_len=length + 8) for m in args.methods}
-            x = _input(length, args.d_model)
-            fns = {m: callables(layer, x, precision) for m, layer in layers.items()}
-            t0 = time.perf_counter()
-            fwd = timed_alternating({m: f for m, (f, _) in fns.items()}, args.rounds)
-            quadratic = {"dense", "colt5"}
-            both_methods = {m: b for m, (_, b) in fns.items()
-                            if m not in quadratic or length <= args.skip_dense_backward_above}
-            both = timed_alternating(both_methods, args.rounds)
             dec = timed_alternating({m: decode_callable(layers[m], length, args.d_model, precision)
-                                     for m in args.methods if m in DECODERS}, args.decode_rounds)
-            for m in args.methods:
+                                     for m in cores}, args.decode_rounds)
+            for m in cores:
                 row = dict(method=m, length=length, precision=precision, forward_s=fwd[m], both_s=both.get(m),
-                           decode_ms=dec[m] * 1e3 if m in dec else None, gemm_gflops=rate)
+                           decode_ms=dec[m] * 1e3, gemm_gflops=rate)
                 if not args.no_memory:
-                    for phase, ok in (("forward", True), ("both", m in both), ("decode", m in dec)):
+                    for phase, ok in (("forward", True), ("both", m in both), ("decode", True)):
                         row[f"{phase}_peak_mib"] = peak_rss_probe(m, length, precision, phase, args) if ok else None
                 rows.append(row)
-            print(f"  {length} tokens ({time.perf_counter() - t0:.0f} s)")
+            print(f"  {length} tokens, attention core ({time.perf_counter() - t0:.0f} s)")
             print(_table([r for r in rows if r["length"] == length and r["precision"] == precision]))
+            if length <= args.layers_up_to:
+                x = _input(length, args.d_model)
+                lfns = {m: callables(layer, x, precision) for m, layer in layers.items()}
+                lboth = timed_alternating({m: b for m, (_, b) in lfns.items()}, args.rounds)
+                for m in args.methods:
+                    layer_rows.append(dict(method=m, length=length, precision=precision, both_s=lboth[m]))
+                dense = lboth.get("dense")
+                print(f"  {length} tokens, whole layer (projections included), forward+backward s: "
+                      + ", ".join(f"{m} {t:.3g}" + (f" ({dense / t:.2f}x)" if dense else "") for m, t in lboth.items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"core": rows, "layer": layer_rows}, f, indent=1)
 
 
 def _table(rows) -> str:

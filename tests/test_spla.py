@@ -109,6 +109,22 @@ def test_spla_equals_the_brute_force_reference_outputs_and_gradients(t, block, t
         torch.testing.assert_close(a.grad, want, rtol=1e-9, atol=1e-10)
 
 
+def test_recompute_in_chunks_gives_the_same_outputs_and_gradients(monkeypatch):
+    import condcomp.layers.sparse_linear_attention as spla_module
+
+    monkeypatch.setattr(spla_module, "CHUNK_ELEMENTS", 200)  # several chunks of query blocks
+    q, k, v = _qkv(t=37)
+    log_alpha = torch.tensor([-1.0, -2.0, -0.5, -3.0], dtype=torch.float64)
+    grads = []
+    for recompute in (False, True):
+        leaves = [z.clone().requires_grad_() for z in (q, k, v, log_alpha)]
+        y = sparse_linear_attention(*leaves[:3], None, block=4, top_k=2, log_alpha=leaves[3], recompute=recompute)
+        y.sum().backward()
+        grads.append([y.detach()] + [z.grad for z in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_residual_is_linear_attention_over_exactly_the_unselected_blocks():
     b, g, r, nb, block, hd = 1, 2, 2, 6, 3, 4
     gen = torch.Generator().manual_seed(1)

@@ -32,6 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from condcomp.layers.attention import Attention
 from condcomp.layers.info import LayerInfo
@@ -71,17 +72,23 @@ def _unrows(y: torch.Tensor, heads: int, length: int) -> torch.Tensor:
 # A masked key gets this added to its logit through an extra coordinate: exp underflows to exactly
 # 0, and, unlike -inf, a row whose keys are all masked (a padded query) stays finite.
 MASKED_LOGIT = -1.0e4
+# With recompute, the exact part runs on chunks of query blocks holding about this many gathered
+# key numbers (64 MiB in fp32).
+CHUNK_ELEMENTS = 1 << 24
 
 
 def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor | None, *,
                             block: int, top_k: int, order: int = 2, log_alpha: torch.Tensor | None = None,
-                            selection: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                            selection: tuple[torch.Tensor, torch.Tensor] | None = None,
+                            recompute: bool = False) -> torch.Tensor:
     """Causal SPLA over whole sequences (the module docstring); ``log_alpha=None`` drops the residual
     (block-sparse attention).
 
     q: [b, h, t, hd]; k, v: [b, g, t, hd] (g divides h; rotary applied); real: [b, t] bool or None.
-    selection: (index, valid) [b, g, nb, top_k] to use instead of choosing (tests). Returns
-    [b, h, t, hd]. The length is padded up to a multiple of ``block`` with masked keys.
+    selection: (index, valid) [b, g, nb, top_k] to use instead of choosing (tests). recompute:
+    keep activation memory O(t hd) like a fused dense kernel, at the price of gathering and running
+    the exact part twice in training. Returns [b, h, t, hd]. The length is padded up to a multiple
+    of ``block`` with masked keys.
 
     How it runs: one fused SDPA call does the exact part and the combination. Each query block is a
     batch entry whose keys are its chosen blocks followed by its own block, gathered in one copy, so
@@ -132,9 +139,9 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     n_keys = (n_sel + 1) * (1 + block)
     # index_select on a flat block axis: its backward is index_add_, far faster on CPU than the
     # accumulating index_put_ that advanced indexing's backward runs.
-    rows = (gather + torch.arange(b * g, device=q.device).view(b, g, 1, 1) * (nb + 1)).reshape(-1)
-    keys = keys.view(b * g * (nb + 1), 1 + block, hd + 2).index_select(0, rows).view(b * g * nb, 1, n_keys, hd + 2)
-    values = values.view(b * g * (nb + 1), 1 + block, hd + 2).index_select(0, rows).view(b * g * nb, 1, n_keys, hd + 2)
+    rows = (gather + torch.arange(b * g, device=q.device).view(b, g, 1, 1) * (nb + 1)).view(b * g * nb, n_sel + 1)
+    keys = keys.view(b * g * (nb + 1), 1 + block, hd + 2)
+    values = values.view(b * g * (nb + 1), 1 + block, hd + 2)
 
     qb = q.view(b, g, r, nb, block, hd).transpose(2, 3)  # [b, g, nb, r, B, hd]
     if log_alpha is None:
@@ -147,13 +154,33 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     qx = torch.cat([qb.to(dtype), (slot_logit / scale).to(dtype), qb.new_ones(*qb.shape[:-1], 1, dtype=dtype)], -1)
     visible = torch.ones(block, n_keys, dtype=torch.bool, device=q.device)
     visible[:, n_keys - block :] = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
-    out = F.scaled_dot_product_attention(qx.view(b * g * nb, r, block, hd + 2), keys, values, attn_mask=visible,
-                                         scale=scale, enable_gqa=r > 1).view(b, g, nb, r, block, hd + 2)
+    qx = qx.view(b * g * nb, r, block, hd + 2)
+    n_entries = b * g * nb
+    # Query blocks in chunks of about CHUNK_ELEMENTS gathered key numbers; with ``recompute`` each
+    # chunk's gathered keys are dropped after the forward and gathered again in the backward.
+    step = n_entries if not recompute else max(1, CHUNK_ELEMENTS // (n_keys * (hd + 2)))
+    outs = []
+    for start in range(0, n_entries, step):
+        part = (qx[start : start + step], keys, values, rows[start : start + step], visible, scale, r)
+        if recompute and torch.is_grad_enabled():
+            outs.append(checkpoint(_exact_attention, *part, use_reentrant=False))
+        else:
+            outs.append(_exact_attention(*part))
+    out = (outs[0] if len(outs) == 1 else torch.cat(outs)).view(b, g, nb, r, block, hd + 2)
     y = out[..., :hd]
     if log_alpha is not None:
         share = _fp32(out[..., hd : hd + 1])
         y = _fp32(y) + share * (lin_num / lin_den.clamp(min=1e-30))
     return y.permute(0, 1, 3, 2, 4, 5).reshape(b, h, nb * block, hd)[:, :, :t].to(q.dtype)
+
+
+def _exact_attention(qx, keys, values, rows, visible, scale, r):
+    """One chunk of query blocks: gather each one's blocks (rows [n, k + 1]) and attend.
+    qx [n, r, B, hd + 2]; keys, values [blocks, 1 + B, hd + 2] -> [n, r, B, hd + 2]."""
+    n = rows.shape[0]
+    keys = keys.index_select(0, rows.reshape(-1)).view(n, 1, -1, keys.shape[-1])
+    values = values.index_select(0, rows.reshape(-1)).view(n, 1, -1, values.shape[-1])
+    return F.scaled_dot_product_attention(qx, keys, values, attn_mask=visible, scale=scale, enable_gqa=r > 1)
 
 
 def linear_residual(q, kb, vb, key_real, index, valid) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,14 +274,16 @@ class SparseLinearAttention(Attention):
     Args (besides Attention's): block: block size B (the length is padded up to a multiple);
     top_k: completed past blocks read exactly per query block (k larger than the number of past
     blocks takes all); selection: "second_order" (mean and diagonal variance of the keys) or
-    "first_order" (mean key only); residual: "linear" or "none"; mode: "sparse" or "linear".
+    "first_order" (mean key only); residual: "linear" or "none"; mode: "sparse" or "linear";
+    recompute: gather the chosen blocks again in the backward instead of keeping them (activation
+    memory O(t hd) instead of O(t k B hd / B), about 30% more time in training).
     """
 
     supports_cache = True
 
     def __init__(self, *, d_model: int, n_heads: int, max_len: int, block: int = 64, top_k: int = 8,
                  selection: str = "second_order", residual: str = "linear", mode: str = "sparse",
-                 rope_base: float = 10000.0, dropout: float = 0.0, n_kv_heads: int | None = None,
+                 recompute: bool = False, rope_base: float = 10000.0, dropout: float = 0.0, n_kv_heads: int | None = None,
                  head_dim: int | None = None, qkv_bias: bool = False, out_bias: bool = False, rope: dict | None = None):
         if block < 1:
             raise ValueError(f"block must be >= 1, got {block}")
@@ -271,6 +300,7 @@ class SparseLinearAttention(Attention):
         super().__init__(d_model=d_model, n_heads=n_heads, max_len=max_len, causal=True, rope_base=rope_base,
                          n_kv_heads=n_kv_heads, head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias, rope=rope)
         self.block, self.top_k, self.selection, self.residual, self.mode = block, top_k, selection, residual, mode
+        self.recompute = recompute
         self.log_alpha = None
         if mode == "sparse" and residual == "linear":
             self.log_alpha = nn.Parameter(torch.full((n_heads,), -math.log(self.head_dim)))
@@ -302,7 +332,8 @@ class SparseLinearAttention(Attention):
         if self.mode == "linear":
             return causal_linear_attention(q, k, v, padding_mask, block=self.block)
         return sparse_linear_attention(q, k, v, padding_mask, block=self.block, top_k=self.top_k,
-                                       order=SELECTIONS[self.selection], log_alpha=self.log_alpha)
+                                       order=SELECTIONS[self.selection], log_alpha=self.log_alpha,
+                                       recompute=self.recompute)
 
     # ---- incremental decoding -------------------------------------------------------------------
 

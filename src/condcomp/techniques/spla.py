@@ -30,6 +30,8 @@ class SPLASettings(Settings):
                                     help="block score; default second_order for spla, first_order for block_sparse")
     residual: str | None = setting(None, choices=RESIDUALS,
                                    help="the unselected blocks; default linear for spla, none for block_sparse")
+    recompute: bool = setting(False, help="training: gather the chosen blocks again in the backward instead of "
+                                          "keeping them (less memory, more time)")
 
 
 def _validate(model) -> None:
@@ -44,7 +46,7 @@ def _build(model, settings: SPLASettings, *, selection: str, residual: str, mode
     return SparseLinearAttention(
         d_model=model.d_model, n_heads=model.n_heads, max_len=model.seq_len, block=settings.block,
         top_k=settings.top_k, selection=settings.selection or selection, residual=settings.residual or residual,
-        mode=mode, rope_base=model.rope_base, n_kv_heads=model.n_kv_heads, head_dim=model.head_dim,
+        mode=mode, recompute=settings.recompute, rope_base=model.rope_base, n_kv_heads=model.n_kv_heads, head_dim=model.head_dim,
         qkv_bias=model.qkv_bias, out_bias=model.out_bias, rope=model.rope_scaling.rotary_kwargs())
 
 
