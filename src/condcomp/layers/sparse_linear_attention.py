@@ -72,9 +72,9 @@ def _unrows(y: torch.Tensor, heads: int, length: int) -> torch.Tensor:
 # A masked key gets this added to its logit through an extra coordinate: exp underflows to exactly
 # 0, and, unlike -inf, a row whose keys are all masked (a padded query) stays finite.
 MASKED_LOGIT = -1.0e4
-# With recompute, the exact part runs on chunks of query blocks holding about this many gathered
-# key numbers (64 MiB in fp32).
-CHUNK_ELEMENTS = 1 << 24
+# Without gradients, or with recompute, the exact part runs on chunks of query blocks holding about
+# this many gathered key numbers (8 MiB in fp32): the gathered blocks never all exist at once.
+CHUNK_ELEMENTS = 1 << 21
 
 
 def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor | None, *,
@@ -156,9 +156,11 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     visible[:, n_keys - block :] = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
     qx = qx.view(b * g * nb, r, block, hd + 2)
     n_entries = b * g * nb
-    # Query blocks in chunks of about CHUNK_ELEMENTS gathered key numbers; with ``recompute`` each
-    # chunk's gathered keys are dropped after the forward and gathered again in the backward.
-    step = n_entries if not recompute else max(1, CHUNK_ELEMENTS // (n_keys * (hd + 2)))
+    # Query blocks in chunks of about CHUNK_ELEMENTS gathered key numbers when nothing is kept for a
+    # backward (inference) or with ``recompute`` (each chunk's gathered keys are dropped after the
+    # forward and gathered again in the backward); in one piece otherwise (fastest training).
+    chunked = recompute or not torch.is_grad_enabled()
+    step = max(1, CHUNK_ELEMENTS // (n_keys * (hd + 2))) if chunked else n_entries
     outs = []
     for start in range(0, n_entries, step):
         part = (qx[start : start + step], keys, values, rows[start : start + step], visible, scale, r)
