@@ -25,8 +25,11 @@ from condcomp.train.trainer import evaluate_split, load_model
 
 
 def variant_dirs(out: Path) -> list[Path]:
-    """Run folders of the grid's variants (those with a checkpoint), in name order."""
-    return sorted(p for p in out.iterdir() if p.is_dir() and (p / "checkpoints").is_dir())
+    """Run folders of the grid's variants (those with a checkpoint), in the grid's order."""
+    folder = out / "variants" if (out / "variants").is_dir() else out
+    runs = [p for p in folder.iterdir() if p.is_dir() and any(p.glob("**/*.safetensors"))]
+    order = {"dense": 0, "spla": 1, "block-sparse": 2, "linear": 3}
+    return sorted(runs, key=lambda p: (order.get(p.name, 9), p.name))
 
 
 def main(argv=None) -> None:

@@ -378,3 +378,19 @@ def test_top_k_beyond_the_past_blocks_and_lengths_off_the_block_grid_work():
     dense = Attention(d_model=32, n_heads=4, n_kv_heads=2, max_len=80).double()
     dense.load_state_dict(layer.state_dict(), strict=False)
     torch.testing.assert_close(y, dense(x)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_a_dense_models_weights_load_into_an_spla_model_and_match_it_when_every_block_is_read():
+    from condcomp.convert.hf import load_dense_state
+
+    torch.manual_seed(0)
+    shape = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=48)
+    dense = Transformer(from_dict(ModelConfig, shape)).double().eval()
+    sparse = Transformer(from_dict(ModelConfig, {**shape, "attention": "spla", "spla": {"block": 8, "top_k": 6}}))
+    sparse = sparse.double().eval()
+    load_dense_state(sparse, dense.state_dict(), what="the dense test model")
+    tokens = torch.randint(0, 256, (2, 48))
+    torch.testing.assert_close(sparse(tokens).logits, dense(tokens).logits, rtol=1e-9, atol=1e-9)
+    narrow = Transformer(from_dict(ModelConfig, {**shape, "attention": "spla", "spla": {"block": 8, "top_k": 1}}))
+    load_dense_state(narrow.double().eval(), dense.state_dict(), what="the dense test model")
+    assert not torch.allclose(narrow(tokens).logits, dense(tokens).logits)  # now it reads less: an approximation

@@ -278,8 +278,9 @@ def load_dense_state(model, state: dict[str, torch.Tensor], *, what: str) -> Non
 
     Blocks that a technique wraps (MoD, skip: ``blocks.i.block.*``) take the dense block's weights;
     parameters the dense model has no counterpart for (routers) keep their initialisation, or take the
-    one their ``start_like_dense()`` gives (a skip gate that runs every token at first). Any pretrained weight that finds no place, or any non-router parameter left without one,
-    is an error naming it."""
+    one their ``start_like_dense()`` gives (a skip gate that runs every token at first); so do those a
+    layer lists in ``added_parameters`` (SPLA's ``log_alpha``). Any pretrained weight that finds no
+    place, or any other parameter left without one, is an error naming it."""
     own = model.state_dict(keep_vars=True)
     mapped = {}
     for key, value in state.items():
@@ -298,7 +299,9 @@ def load_dense_state(model, state: dict[str, torch.Tensor], *, what: str) -> Non
     if model.cfg.tie_embeddings:
         mapped.pop("lm_head.weight", None)
     missing = [k for k in own if k not in mapped and not (model.cfg.tie_embeddings and k == "lm_head.weight")]
-    unexpected_missing = [k for k in missing if ".router." not in k]
+    # Parameters a layer adds to the dense computation (SPLA's residual weight) keep their initialisation.
+    added = {f"{name}.{p}" for name, m in model.named_modules() for p in getattr(m, "added_parameters", ())}
+    unexpected_missing = [k for k in missing if ".router." not in k and k not in added]
     if unexpected_missing:
         raise PretrainedError(f"{what} has no weight for {unexpected_missing[:3]}"
                               f"{' and more' if len(unexpected_missing) > 3 else ''}; the config does not match")

@@ -282,6 +282,9 @@ class SparseLinearAttention(Attention):
     """
 
     supports_cache = True
+    # Weights a dense attention has no counterpart for: they keep their initialisation when a
+    # pretrained dense model's weights are loaded (condcomp.convert.hf.load_dense_state).
+    added_parameters = ("log_alpha",)
 
     def __init__(self, *, d_model: int, n_heads: int, max_len: int, block: int = 64, top_k: int = 8,
                  selection: str = "second_order", residual: str = "linear", mode: str = "sparse",

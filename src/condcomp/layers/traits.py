@@ -13,6 +13,8 @@ Every layer a technique builds returns ``(y, LayerInfo)`` from ``forward`` and m
     routed_parameters() -> dict[router attribute, RoutedParameters]
                                the parameters behind each of its routers (for active-parameter counts).
     owns_init: bool            the model calls its ``reset_parameters`` after the generic init.
+    added_parameters: tuple    names of its parameters a dense layer has no counterpart for (SPLA's
+                               log_alpha): loading pretrained dense weights leaves them as initialised.
     start_like_dense()         (routers) called when the layer wraps pretrained dense blocks: start as
                                close to the dense computation as the technique allows.
 
