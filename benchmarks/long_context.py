@@ -38,11 +38,14 @@ def main(argv=None) -> None:
     p.add_argument("--lengths", type=int, nargs="+", help="passkey document lengths (default: the grid's seq_len)")
     p.add_argument("--per-depth", type=int, default=16)
     p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--only", nargs="+", help="evaluate just these variants")
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     results = {}
     for run in variant_dirs(args.out):
+        if args.only and run.name not in args.only:
+            continue
         model, cfg = load_model(run)
         seq_len = cfg.model.seq_len
         stdlib = load_corpus("stdlib", cache_dir=cfg.data.cache_dir)
