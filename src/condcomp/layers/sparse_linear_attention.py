@@ -77,6 +77,19 @@ MASKED_LOGIT = -1.0e4
 CHUNK_ELEMENTS = 1 << 21
 
 
+def _pad_to_blocks(q, k, v, real, block: int):
+    """Pad the length of q [b, h, t, hd], k, v [b, g, t, hd] and real [b, t] (None: all real) up to
+    a multiple of ``block``; padded positions are not real. Returns (n_blocks, q, k, v, real)."""
+    t = q.shape[2]
+    nb = -(-t // block)
+    pad = nb * block - t
+    real = torch.ones(q.shape[0], t, dtype=torch.bool, device=q.device) if real is None else real.bool()
+    if pad:
+        q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
+        real = F.pad(real, (0, pad), value=False)
+    return nb, q, k, v, real
+
+
 def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor | None, *,
                             block: int, top_k: int, order: int = 2, log_alpha: torch.Tensor | None = None,
                             selection: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -107,12 +120,7 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     b, h, t, hd = q.shape
     g = k.shape[1]
     r = h // g
-    nb = -(-t // block)
-    pad = nb * block - t
-    real = torch.ones(b, t, dtype=torch.bool, device=q.device) if real is None else real.bool()
-    if pad:
-        q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
-        real = F.pad(real, (0, pad), value=False)
+    nb, q, k, v, real = _pad_to_blocks(q, k, v, real, block)
     scale = hd ** -0.5
     kb, vb = k.view(b, g, nb, block, hd), v.view(b, g, nb, block, hd)
     key_real = real.view(b, 1, nb, block)
@@ -219,12 +227,7 @@ def causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     b, h, t, hd = q.shape
     g = k.shape[1]
     r = h // g
-    nb = -(-t // block)
-    pad = nb * block - t
-    real = torch.ones(b, t, dtype=torch.bool, device=q.device) if real is None else real.bool()
-    if pad:
-        q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
-        real = F.pad(real, (0, pad), value=False)
+    nb, q, k, v, real = _pad_to_blocks(q, k, v, real, block)
     with torch.autocast(q.device.type, enabled=False):
         key_real = real.view(b, 1, nb, block)
         phi_q = feature_map(_fp32(_rows(q, g, nb, block)))  # [b, g, nb, rB, hd]
