@@ -1,10 +1,10 @@
 """SmolLM2-135M with its attention swapped, before any training: which part of SPLA costs what.
 
-Each variant loads the same pretrained weights (SPLA's per-head alpha starts at 1 / head_dim) and
-evaluates the same validation windows of English technical prose (python-docs, 2,048 tokens each,
+Each variant loads the same pretrained weights and evaluates the same validation windows of English technical prose (python-docs, 2,048 tokens each,
 inference mode, bf16 autocast). Rows separate the approximations: reading every block exactly (must
 equal dense), choosing 8 blocks with no residual (first- and second-order scores), SPLA's residual
-on top, and linear attention alone.
+on top with its per-head alpha at the from-scratch default 1 / head_dim and calibrated on two
+training windows (what ``condcomp train --init`` does), and linear attention alone.
 
     python benchmarks/spla_swap.py --windows 4
 """
@@ -22,12 +22,16 @@ from condcomp.train.trainer import evaluate_split
 
 SEQ = 2048
 BLOCKS = SEQ // 64
+CALIBRATION_WINDOWS = 2
 VARIANTS = {
     "dense (as imported)": {},
     f"spla, top_k {BLOCKS} (every block exact)": {"attention": "spla", "spla": {"block": 64, "top_k": BLOCKS}},
     "block-sparse, top 8, mean-key score, no residual": {"attention": "block_sparse", "spla": {"block": 64, "top_k": 8}},
     "top 8, second-order score, no residual": {"attention": "spla", "spla": {"block": 64, "top_k": 8, "residual": "none"}},
-    "spla, top 8, second-order score + linear residual": {"attention": "spla", "spla": {"block": 64, "top_k": 8}},
+    "spla, top 8, second-order score + linear residual, alpha 1/head_dim": {"attention": "spla",
+                                                                              "spla": {"block": 64, "top_k": 8}},
+    "spla, top 8, second-order score + linear residual, alpha calibrated": {"attention": "spla",
+                                                                              "spla": {"block": 64, "top_k": 8}},
     "linear attention only": {"attention": "linear", "spla": {"block": 64}},
 }
 
@@ -40,9 +44,11 @@ def main() -> None:
     corpus = tokenize_corpus(load_corpus("python-docs"), tokenizer, name="smollm2")
     print(f"| SmolLM2-135M at step 0, {SEQ} tokens | val bits/byte | gap to dense |")
     print("|---|---|---|")
+    calibration = torch.from_numpy(corpus.train[: CALIBRATION_WINDOWS * SEQ].astype("int64")).view(-1, SEQ)
     dense = None
     for label, overrides in VARIANTS.items():
-        model, _ = from_hf(hf, seq_len=SEQ, overrides=overrides)
+        model, _ = from_hf(hf, seq_len=SEQ, overrides=overrides,
+                           calibrate_on=calibration if "calibrated" in label else None)
         r = evaluate_split(model, corpus.val, batch_size=1, max_batches=args.windows, precision="bf16",
                            token_bytes=corpus.bytes_of("val"))
         dense = r["bpb"] if dense is None else dense

@@ -138,3 +138,22 @@ def test_refusals_write_nothing(hf_folder, text_file, tmp_path, capsys):
         "data.tokenizer": str(hf_folder), "model.vocab_size": 100, "model.d_model": 32, "model.n_heads": 2})
     assert main(args) == 2
     assert "has 300 tokens but model.vocab_size is 100" in capsys.readouterr().err
+
+
+def test_init_into_spla_calibrates_the_residual_weight_on_training_windows(hf_folder, text_file, tmp_path, capsys):
+    from condcomp.convert.hf import from_hf
+    from condcomp.data import train_batch
+    from condcomp.train import Trainer
+    from condcomp.train.pretrained_init import load_run_config
+
+    spla = {"model.attention": "spla", "model.spla.block": 8, "model.spla.top_k": 1}
+    cfg = load_run_config(None, [s for s in _sets(text_file, tmp_path, **spla) if s != "--set"] +
+                          [f"model.init={hf_folder}", f"run_dir={tmp_path / 'r'}"])
+    trainer = Trainer(cfg)
+    assert "calibrated 2 layers' added parameters on 128 training tokens" in capsys.readouterr().out
+    x, _ = train_batch(trainer.corpus.train, step=0, seed=cfg.train.seed, batch_size=4, seq_len=32)
+    reference, _ = from_hf(hf_folder, seq_len=32, overrides={"attention": "spla", "spla": {"block": 8, "top_k": 1}},
+                           calibrate_on=x)
+    for mine, theirs in zip(trainer.model.blocks, reference.blocks):
+        torch.testing.assert_close(mine.attn.log_alpha, theirs.attn.log_alpha)
+        assert not torch.allclose(mine.attn.log_alpha, torch.full_like(mine.attn.log_alpha, -2.0794), atol=1e-3)

@@ -394,3 +394,144 @@ def test_a_dense_models_weights_load_into_an_spla_model_and_match_it_when_every_
     narrow = Transformer(from_dict(ModelConfig, {**shape, "attention": "spla", "spla": {"block": 8, "top_k": 1}}))
     load_dense_state(narrow.double().eval(), dense.state_dict(), what="the dense test model")
     assert not torch.allclose(narrow(tokens).logits, dense(tokens).logits)  # now it reads less: an approximation
+
+
+def _calibration_reference(q, k, real, block, index, valid):
+    """Loop over every (sequence, head, query row): the mean over rows with unread keys of
+    log sum_U exp(s) - log sum_U phi(q).phi(k)."""
+    b, h, t, hd = q.shape
+    g = k.shape[1]
+    out = []
+    for hi in range(h):
+        gi = hi // (h // g)
+        diffs = []
+        for bi in range(b):
+            for qi in range(t):
+                if not real[bi, qi]:
+                    continue
+                qb = qi // block
+                chosen = {int(j) for j, ok in zip(index[bi, gi, qb], valid[bi, gi, qb]) if ok}
+                unread = [s for s in range(t) if s // block < qb and s // block not in chosen and real[bi, s]]
+                if not unread:
+                    continue
+                logits = torch.stack([q[bi, hi, qi] @ k[bi, gi, s] for s in unread]) / math.sqrt(hd)
+                kernel = sum(feature_map(q[bi, hi, qi]) @ feature_map(k[bi, gi, s]) for s in unread)
+                diffs.append(logits.logsumexp(0) - torch.log(kernel))
+        out.append(torch.stack(diffs).mean() if diffs else torch.tensor(float("nan"), dtype=q.dtype))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("t, block, top_k", [(29, 4, 2), (32, 8, 1), (12, 4, 5)])
+def test_calibrated_alpha_equals_a_row_by_row_reference_and_matches_the_residual_mass(t, block, top_k):
+    from condcomp.layers.sparse_linear_attention import mass_matched_log_alpha
+
+    q, k, v = _qkv(t=t)
+    real = torch.ones(2, t, dtype=torch.bool)
+    real[1, :3] = False  # left padding in the second sequence
+    log_alpha, rows = mass_matched_log_alpha(q, k, real, block=block, top_k=top_k)
+    index, valid = _select(q, k, real, block, top_k)
+    expected = _calibration_reference(q, k, real, block, index, valid)
+    torch.testing.assert_close(log_alpha, expected, equal_nan=True)
+    assert bool((rows > 0).all()) == bool(torch.isfinite(expected).all())
+    if t == 12:  # 3 blocks, top 5: every past block is read, nothing to calibrate on
+        assert int(rows.sum()) == 0 and bool(log_alpha.isnan().all())
+        return
+    # The fast path's residual over the same unread blocks, scaled by the fitted alpha, carries the
+    # softmax's mass on them in the geometric mean over rows.
+    nb = -(-t // block)
+    pad = nb * block - t
+    qp, kp, vp = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
+    realp = F.pad(real, (0, pad), value=False)
+    _, den = linear_residual(qp, kp.view(2, 2, nb, block, 8), vp.view(2, 2, nb, block, 8),
+                             realp.view(2, 1, nb, block), index, valid)  # [b, g, nb, r, B, 1]
+    den = den[..., 0].permute(0, 1, 3, 2, 4).reshape(2, 4, nb * block)[:, :, :t]  # [b, h, t]
+    for hi in range(4):
+        gi = hi // 2
+        logits = q[:, hi] @ k[:, gi].transpose(-1, -2) / math.sqrt(8)  # [b, t, t]
+        blocks = torch.arange(t) // block
+        unread = torch.zeros(2, t, t, dtype=torch.bool)
+        for bi in range(2):
+            for qi in range(t):
+                chosen = index[bi, gi, blocks[qi]][valid[bi, gi, blocks[qi]]]
+                unread[bi, qi] = (blocks < blocks[qi]) & ~torch.isin(blocks, chosen) & real[bi] & real[bi, qi]
+        has = unread.any(-1)
+        exact = logits.masked_fill(~unread, float("-inf")).logsumexp(-1)
+        gap = (log_alpha[hi] + torch.log(den[:, hi]) - exact)[has]
+        assert abs(float(gap.mean())) < 1e-9
+
+
+def test_calibrating_a_pretrained_swap_fits_each_layer_on_its_own_input_then_shifts_all_end_to_end(monkeypatch):
+    from condcomp.convert.hf import load_dense_state
+    from condcomp.layers.sparse_linear_attention import fit_log_alpha
+    from condcomp.layers.traits import calibrate_added_parameters
+
+    torch.manual_seed(0)
+    shape = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=48)
+    dense = Transformer(from_dict(ModelConfig, shape)).double().eval()
+
+    def swapped():
+        model = Transformer(from_dict(ModelConfig, {**shape, "attention": "spla", "spla": {"block": 8, "top_k": 1}}))
+        load_dense_state(model.double().eval(), dense.state_dict(), what="the dense test model")
+        return model
+
+    tokens = torch.randint(0, 256, (2, 48))
+    # Stage 1 alone (no shifts offered): each layer fitted on what it received, layer 0 already calibrated.
+    monkeypatch.setattr(SparseLinearAttention, "calibration_shifts", (0.0,))
+    sparse = swapped()
+    default = sparse.blocks[0].attn.log_alpha.detach().clone()
+    seen = []
+    hook = sparse.blocks[1].attn.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    local = calibrate_added_parameters(sparse, tokens)
+    hook.remove()
+    assert sorted(local) == ["blocks.0.attn", "blocks.1.attn"]
+    assert not torch.allclose(local["blocks.0.attn"], default)
+    attn = sparse.blocks[1].attn
+    q, k, v = attn._project(seen[0])
+    expected, _ = fit_log_alpha(attn.rotary.apply(q), attn.rotary.apply(k), v, None, block=8, top_k=1)
+    torch.testing.assert_close(attn.log_alpha.detach(), expected)
+    assert sparse.training is False and all(p.grad is None for p in sparse.parameters())
+
+    # Stage 2: one common shift, the one with the least next-token loss on the calibration tokens.
+    shifts = (0.0, -2.0, -8.0, 3.0)
+    monkeypatch.setattr(SparseLinearAttention, "calibration_shifts", shifts)
+    shifted = calibrate_added_parameters(swapped(), tokens)
+    delta = shifted["blocks.0.attn"] - local["blocks.0.attn"]
+    assert float(delta[0]) in shifts
+    for name in local:
+        torch.testing.assert_close(shifted[name], local[name] + delta)
+
+    def loss_at(d):
+        model = swapped()
+        for i, blk in enumerate(model.blocks):
+            blk.attn.log_alpha.data.copy_(local[f"blocks.{i}.attn"] + d)
+        with torch.no_grad():
+            logits = model(tokens).logits[:, :-1]
+        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)))
+
+    assert all(loss_at(float(delta[0])) <= loss_at(d) + 1e-12 for d in shifts)
+
+
+def test_fitted_alpha_is_the_best_candidate_for_the_layers_own_output():
+    """The fit's closed form per candidate agrees with the fast path: run the real layer at the
+    fitted alpha, at its grid neighbours and without the residual; the fitted one is closest to dense."""
+    from condcomp.layers.sparse_linear_attention import ALPHA_OFFSETS, NO_RESIDUAL, fit_log_alpha
+
+    gen = torch.Generator().manual_seed(3)
+    b, h, g, t, hd, block, top_k = 2, 4, 2, 64, 8, 8, 2
+    # Peaked attention, as in a trained model: a few keys share directions with the queries.
+    k = torch.randn(b, g, t, hd, generator=gen, dtype=torch.float64) * 2.0
+    q = k.repeat_interleave(h // g, 1)[:, :, torch.randperm(t, generator=gen)] + torch.randn(b, h, t, hd, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, g, t, hd, generator=gen, dtype=torch.float64)
+    fitted, rows = fit_log_alpha(q, k, v, None, block=block, top_k=top_k)
+    assert bool((rows > 0).all())
+    dense = F.scaled_dot_product_attention(q, k.repeat_interleave(h // g, 1), v.repeat_interleave(h // g, 1),
+                                           is_causal=True)
+
+    def error(log_alpha):
+        y = sparse_linear_attention(q, k, v, None, block=block, top_k=top_k, log_alpha=log_alpha)
+        return ((y - dense) ** 2).sum(-1)[:, :, block * (top_k + 1):].mean((0, 2))  # rows with unread keys, per head
+
+    best = error(fitted)
+    step = float(ALPHA_OFFSETS[1] - ALPHA_OFFSETS[0])
+    for other in (fitted - step, fitted + step, torch.full_like(fitted, NO_RESIDUAL)):
+        assert bool((best <= error(other) + 1e-12).all())

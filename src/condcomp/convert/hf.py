@@ -248,7 +248,8 @@ def load_hf_model(source, dtype: torch.dtype):
     return hf, tokenizer, str(folder if gguf is None else f"{name} ({folder / gguf})")
 
 
-def from_hf(source, *, dtype: torch.dtype = torch.float32, seq_len: int | None = None, overrides: dict | None = None):
+def from_hf(source, *, dtype: torch.dtype = torch.float32, seq_len: int | None = None, overrides: dict | None = None,
+            calibrate_on: torch.Tensor | None = None):
     """Import a Llama-family causal LM. Returns (condcomp Transformer in eval mode, tokenizer or None).
 
     source: a transformers model object, a folder written by ``save_pretrained``, or a packaged name
@@ -256,8 +257,12 @@ def from_hf(source, *, dtype: torch.dtype = torch.float32, seq_len: int | None =
         generation), at most the model's own.
     overrides: extra ``model`` settings for the condcomp config (e.g. {"block": "mod"}): techniques
         whose layers wrap the dense ones start from the pretrained weights.
+    calibrate_on: token ids [b, t] on which layers that add parameters to the dense computation fit
+        them (``condcomp.layers.traits.calibrate_added_parameters``; SPLA's residual weight). Without
+        it those parameters keep their from-scratch initialisation.
     """
     from condcomp.config import ModelConfig, from_dict
+    from condcomp.layers.traits import calibrate_added_parameters
     from condcomp.models import Transformer
 
     hf, tokenizer, _ = load_hf_model(source, dtype)
@@ -270,6 +275,8 @@ def from_hf(source, *, dtype: torch.dtype = torch.float32, seq_len: int | None =
     if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
         raise PretrainedError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
                               f"{cfg.vocab_size}; they do not belong together")
+    if calibrate_on is not None:
+        calibrate_added_parameters(model, calibrate_on)
     return model.eval(), tokenizer
 
 

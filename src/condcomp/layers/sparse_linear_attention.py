@@ -20,7 +20,8 @@ a key's weight is exp(q.k / sqrt(d)) if it is read exactly and alpha_h phi(q).ph
 
 computed stably by scaling both sums by e^{-m} (m the row's largest exact logit; it cancels). The
 learned per-head alpha_h (initialised 1 / head_dim, so the kernel starts near e^0 = 1 for small
-logits) calibrates the kernel against the exponential. With every past block selected R = 0 and
+logits; fitted to the data by ``calibrate`` when pretrained weights are loaded) calibrates the
+kernel against the exponential. With every past block selected R = 0 and
 the output is dense causal attention. One normaliser keeps the output a convex combination of
 values, unlike adding two separately normalised outputs.
 """
@@ -124,12 +125,7 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     scale = hd ** -0.5
     kb, vb = k.view(b, g, nb, block, hd), v.view(b, g, nb, block, hd)
     key_real = real.view(b, 1, nb, block)
-    if selection is None:
-        with torch.autocast(q.device.type, enabled=False):
-            row_real = key_real[:, :, :, None, :].expand(b, 1, nb, r, block).reshape(b, 1, nb, r * block)
-            selection = select_past_blocks(_fp32(_rows(q, g, nb, block)), row_real, _fp32(kb) * scale, key_real,
-                                           top_k, order)
-    index, valid = selection
+    index, valid = _choose_blocks(q, kb, key_real, top_k, order) if selection is None else selection
     n_sel = index.shape[-1]
     dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
 
@@ -184,6 +180,127 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     return y.permute(0, 1, 3, 2, 4, 5).reshape(b, h, nb * block, hd)[:, :, :t].to(q.dtype)
 
 
+def _choose_blocks(q, kb, key_real, top_k: int, order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query block's top-k completed past key blocks: q [b, h, T, hd] (T = nb * B, rotated);
+    kb [b, g, nb, B, hd]; key_real [b, 1, nb, B]. Returns (index, valid) [b, g, nb, top_k]."""
+    b, g, nb, block, hd = kb.shape
+    r = q.shape[1] // g
+    with torch.autocast(q.device.type, enabled=False):
+        row_real = key_real[:, :, :, None, :].expand(b, 1, nb, r, block).reshape(b, 1, nb, r * block)
+        return select_past_blocks(_fp32(_rows(q, g, nb, block)), row_real, _fp32(kb) * hd ** -0.5, key_real,
+                                  top_k, order)
+
+
+def unread_blocks(index: torch.Tensor, valid: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """unread[..., i, j] = 1 for the completed past blocks j < i that query block i did not choose:
+    the blocks its linear residual covers. index, valid: [..., n_blocks, k] -> [..., n_blocks, n_blocks]."""
+    lead = index.shape[:-2]
+    unread = torch.ones(n_blocks, n_blocks + 1, device=index.device).tril(-1).expand(*lead, n_blocks, n_blocks + 1)
+    return unread.clone().scatter_(-1, torch.where(valid, index, n_blocks), 0.0)[..., :n_blocks]
+
+
+# Candidate offsets (natural log) from the mass-matched alpha that ``fit_log_alpha`` tries, and the
+# value it reports when dropping the residual fits best (alpha ~ 0: block-sparse attention).
+ALPHA_OFFSETS = torch.arange(-24.0, 4.01, 0.5)
+NO_RESIDUAL = -60.0
+
+
+def _read_and_unread(q, k, real, block: int, top_k: int, order: int):
+    """Masks [b, g, T, T] of the keys each query reads exactly (own block causally, chosen blocks) and
+    of those the residual stands in for (unread completed past blocks), real keys of real queries only;
+    with q, k padded to T = nb * block and cast to fp32."""
+    b, h, t, hd = q.shape
+    g = k.shape[1]
+    nb, q, k, _, real = _pad_to_blocks(q, k, k, real, block)
+    q, k = _fp32(q), _fp32(k)
+    index, valid = _choose_blocks(q, k.view(b, g, nb, block, hd), real.view(b, 1, nb, block), top_k, order)
+    unread_b = unread_blocks(index, valid, nb).bool()
+    read_b = ~unread_b & torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()  # own and chosen blocks
+    both = real[:, None, None, :] & real[:, None, :, None]
+    expand = lambda m: m.repeat_interleave(block, -2).repeat_interleave(block, -1) & both  # noqa: E731
+    causal = torch.ones(nb * block, nb * block, dtype=torch.bool, device=q.device).tril()
+    return q, k, expand(read_b) & causal, expand(unread_b), real
+
+
+def mass_matched_log_alpha(q: torch.Tensor, k: torch.Tensor, real: torch.Tensor | None, *, block: int, top_k: int,
+                           order: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-head log alpha at which the linear kernel carries the softmax's mass on the keys SPLA
+    leaves unread: for each real query row with unread keys U,
+
+        d = log sum_{s in U} exp(q.k_s / sqrt(hd)) - log sum_{s in U} phi(q).phi(k_s)
+
+    and log alpha_h is the mean of d over the head's rows (the geometric mean of the mass ratio).
+    Brute force over [T, T] per head (a one-off on a calibration batch, fp32).
+
+    q: [b, h, t, hd]; k: [b, g, t, hd] (rotated); real: [b, t] or None. Returns (log_alpha [h], rows
+    [h]: how many query rows had unread keys; a head with 0 rows has log_alpha nan).
+    """
+    h, hd = q.shape[1], q.shape[-1]
+    r = h // k.shape[1]
+    q, k, _, unread, _ = _read_and_unread(q, k, real, block, top_k, order)
+    log_alpha, rows = q.new_full((h,), float("nan")), torch.zeros(h, dtype=torch.int64)
+    for head in range(h):
+        qh, kh, mask = q[:, head], k[:, head // r], unread[:, head // r]  # [b, T, hd], [b, T, hd], [b, T, T]
+        has = mask.any(-1)
+        if not has.any():
+            continue
+        exact = (qh @ kh.transpose(-1, -2) * hd ** -0.5).masked_fill(~mask, float("-inf")).logsumexp(-1)
+        linear = ((feature_map(qh) @ feature_map(kh).transpose(-1, -2)) * mask).sum(-1)
+        log_alpha[head] = (exact - torch.log(linear.clamp(min=1e-30)))[has].mean()
+        rows[head] = int(has.sum())
+    return log_alpha, rows
+
+
+def fit_log_alpha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor | None, *, block: int,
+                  top_k: int, order: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-head log alpha whose SPLA output is closest to dense causal attention on this input.
+
+    Matching the mass (``mass_matched_log_alpha``) is right for the normaliser but not for the
+    output: the linear kernel spreads its weight almost evenly over the unread keys, so its values
+    average is a poor stand-in for what a peaked softmax reads there, and a residual carrying all of
+    that mass pulls outputs towards the mean value. Per row the SPLA output is
+
+        y(alpha) = (E_v + alpha e^{-m} L_v) / (E + alpha e^{-m} L)
+
+    (E: exact mass and values sum over the keys read; L: the kernel's over the unread ones; m the row
+    max), so every candidate costs O(T hd) once the [T, T] sums exist. Tried: the mass-matched value
+    plus ``ALPHA_OFFSETS``, and no residual (reported as ``NO_RESIDUAL``); the one with the least
+    squared error against the dense output over the rows with unread keys wins.
+
+    q: [b, h, t, hd]; k, v: [b, g, t, hd] (rotated); real: [b, t] or None. Returns (log_alpha [h],
+    rows [h]); a head with no rows with unread keys has log_alpha nan.
+    """
+    b, h, t, hd = q.shape
+    r = h // k.shape[1]
+    centre, rows = mass_matched_log_alpha(q, k, real, block=block, top_k=top_k, order=order)
+    _, vp, _, _, _ = _pad_to_blocks(v, v, v, real, block)
+    q, k, read, unread, real = _read_and_unread(q, k, real, block, top_k, order)
+    vp = _fp32(vp)
+    log_alpha = q.new_full((h,), float("nan"))
+    for head in range(h):
+        if rows[head] == 0:
+            continue
+        qh, kh, vh = q[:, head], k[:, head // r], vp[:, head // r]
+        rd, un = read[:, head // r], unread[:, head // r]
+        logits = (qh @ kh.transpose(-1, -2)) * hd ** -0.5
+        m = logits.masked_fill(~(rd | un), float("-inf")).amax(-1, keepdim=True).clamp(min=-1e4)  # [b, T, 1]
+        p = torch.exp(logits - m)
+        exact_w, unread_w = p * rd, p * un
+        kernel = (feature_map(qh) @ feature_map(kh).transpose(-1, -2)) * un
+        e_v, e = exact_w @ vh, exact_w.sum(-1, keepdim=True)
+        target = (e_v + unread_w @ vh) / (e + unread_w.sum(-1, keepdim=True)).clamp(min=1e-30)
+        l_v, l = kernel @ vh, kernel.sum(-1, keepdim=True)
+        has = un.any(-1)
+        candidates = torch.cat([centre[head] + ALPHA_OFFSETS.to(q.dtype), q.new_tensor([NO_RESIDUAL])])
+        errors = []
+        for a in candidates:
+            c = torch.exp((a - m).clamp(max=80.0))
+            y = (e_v + c * l_v) / (e + c * l).clamp(min=1e-30)
+            errors.append(((y - target) ** 2).sum(-1)[has].mean())
+        log_alpha[head] = candidates[int(torch.stack(errors).argmin())]
+    return log_alpha, rows
+
+
 def _exact_attention(qx, keys, values, rows, visible, scale, r):
     """One chunk of query blocks: gather each one's blocks (rows [n, k + 1]) and attend.
     qx [n, r, B, hd + 2]; keys, values [blocks, 1 + B, hd + 2] -> [n, r, B, hd + 2]."""
@@ -206,11 +323,9 @@ def linear_residual(q, kb, vb, key_real, index, valid) -> tuple[torch.Tensor, to
         phi_k = feature_map(_fp32(kb)) * key_real[..., None]  # [b, g, nb, B, hd]
         states = phi_k.transpose(-1, -2) @ _fp32(vb)  # [b, g, nb, hd, hd]
         sums = phi_k.sum(-2)  # [b, g, nb, hd]
-        # unread[i, j] = 1 for the completed past blocks j < i that block i did not choose: the residual
-        # state is prefix minus chosen, summed as one matrix product (no cancellation, no [.., k, hd, hd] copy).
-        unread = torch.ones(nb, nb + 1, dtype=states.dtype, device=q.device).tril(-1).expand(b, g, nb, nb + 1).clone()
-        unread.scatter_(-1, torch.where(valid, index, nb), 0.0)
-        unread = unread[..., :nb]
+        # The residual state is prefix minus chosen, summed as one matrix product with the unread
+        # blocks (no cancellation, no [.., k, hd, hd] copy).
+        unread = unread_blocks(index, valid, nb).to(states.dtype)
         residual = (unread @ states.reshape(b, g, nb, hd * hd)).view(b, g, nb, hd, hd)
         residual_sum = unread @ sums
         phi_q = feature_map(_fp32(q)).view(b, g, r, nb, block, hd).transpose(2, 3)  # [b, g, nb, r, B, hd]
@@ -335,6 +450,37 @@ class SparseLinearAttention(Attention):
         if cache is not None:
             self._prefill(q, k, v, cache)
         return self._merge_heads(y, None), LayerInfo()
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Fit ``log_alpha`` to this input (x [b, t, d_model]): per head, the value whose output is
+        closest to dense attention's (``fit_log_alpha``). Called on a few training windows when a
+        pretrained dense model's weights are loaded: the default 1 / head_dim suits training from
+        scratch but gives a pretrained model's unread keys far more weight than its peaked softmax
+        does. Heads with no unread keys in x (inputs of at most top_k + 1 blocks) keep their value.
+        Returns the fitted log_alpha, or None without a residual."""
+        if self.log_alpha is None:
+            return None
+        with torch.autocast(x.device.type, enabled=False):
+            q, k, v = self._project(x.to(self.qkv.weight.dtype))
+            q, k = self.rotary.apply(q), self.rotary.apply(k)
+            fitted, rows = fit_log_alpha(q, k, v, padding_mask, block=self.block, top_k=self.top_k,
+                                         order=SELECTIONS[self.selection])
+        self.log_alpha.copy_(torch.where(rows.to(fitted.device) > 0, fitted.to(self.log_alpha.dtype), self.log_alpha))
+        return self.calibrate_result()
+
+    # The per-head fit above minimises each layer's own output error, which measured on SmolLM2 gives
+    # the residual more weight than is best for the model's predictions (docs/long_context.md); the
+    # model-level calibration then tries these common shifts of log alpha end to end.
+    calibration_shifts = (0.0, -1.0, -2.0, -3.0, -4.0, -6.0, -8.0)
+
+    @torch.no_grad()
+    def shift_calibration(self, delta: float) -> None:
+        if self.log_alpha is not None:
+            self.log_alpha.add_(delta)
+
+    def calibrate_result(self) -> torch.Tensor | None:
+        return None if self.log_alpha is None else self.log_alpha.detach().clone()
 
     def _attend_all(self, q, k, v, padding_mask):
         if self.mode == "linear":

@@ -17,6 +17,11 @@ Every layer a technique builds returns ``(y, LayerInfo)`` from ``forward`` and m
                                log_alpha): loading pretrained dense weights leaves them as initialised.
     start_like_dense()         (routers) called when the layer wraps pretrained dense blocks: start as
                                close to the dense computation as the technique allows.
+    calibrate(x, padding_mask) fit its added parameters to its input x [b, t, d] once pretrained dense
+                               weights are loaded (SPLA's per-head residual weight); see
+                               ``calibrate_added_parameters``.
+    calibration_shifts: tuple  shifts of the calibrated parameters to try end to end afterwards, and
+    shift_calibration(delta)   applying one (a layer-local fit can be biased for the whole model).
 
 The helpers below read these over a whole model.
 """
@@ -93,3 +98,73 @@ class RouterTraits:
     @property
     def aux_loss_names(self) -> tuple[str, ...]:
         return self.router.aux_loss_names
+
+
+def calibrate_added_parameters(model: nn.Module, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fit the parameters layers add to a pretrained dense model, on token ids ``tokens`` [b, t]
+    (no gradient, the model's dtype, eval mode). Two stages:
+
+    1. Layer by layer: run the model once and let every layer with a ``calibrate`` method fit itself
+       to the input it receives, in order (a layer sees the earlier layers already calibrated).
+    2. End to end: a fit that is optimal for each layer's own output need not be for the model's
+       predictions, so every shift the calibrated layers offer (``calibration_shifts``, the same one
+       for all of them) is tried and the one with the lowest next-token loss on ``tokens`` is kept.
+
+    Returns {module name: its calibrated parameters} (empty when no layer calibrates).
+    """
+    layers = [(name, m) for name, m in model.named_modules() if callable(getattr(m, "calibrate", None))]
+    fitted: dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(module, args, kwargs):
+            x = args[0]
+            result = module.calibrate(x, kwargs.get("padding_mask", args[1] if len(args) > 1 else None))
+            if result is not None:
+                fitted[name] = result
+
+        return hook
+
+    if not layers:
+        return fitted
+    was_training = model.training
+    model.eval()
+    try:
+        handles = [m.register_forward_pre_hook(hook_for(name), with_kwargs=True) for name, m in layers]
+        try:
+            with torch.no_grad():
+                model(tokens)
+        finally:
+            for handle in handles:
+                handle.remove()
+        shifting = [m for name, m in layers if name in fitted and getattr(m, "calibration_shifts", ())]
+        if shifting:
+            _best_common_shift(model, tokens, shifting)
+            fitted = {name: m.calibrate_result() for name, m in layers if name in fitted}
+    finally:
+        model.train(was_training)
+    return fitted
+
+
+@torch.no_grad()
+def _best_common_shift(model: nn.Module, tokens: torch.Tensor, layers: list[nn.Module]) -> float:
+    """Apply to ``layers`` the shift (from their ``calibration_shifts``) with the lowest next-token
+    cross-entropy of ``model`` on ``tokens``; returns it."""
+    import torch.nn.functional as F
+
+    def loss() -> float:
+        logits = model(tokens).logits[:, :-1].float()
+        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)))
+
+    applied, best, best_loss = 0.0, 0.0, loss()
+    for delta in layers[0].calibration_shifts:
+        if delta == 0:
+            continue
+        for m in layers:
+            m.shift_calibration(delta - applied)
+        applied = delta
+        value = loss()
+        if value < best_loss:
+            best, best_loss = delta, value
+    for m in layers:
+        m.shift_calibration(best - applied)
+    return best

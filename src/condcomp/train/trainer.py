@@ -29,7 +29,7 @@ from condcomp.distributed import (DistributedError, Runtime, clip_grad_norm, ful
                                   ignore_in_ddp, init_distributed, reduce_expert_grads, shard_experts,
                                   shard_optimizer_state)
 from condcomp.flops import flop_counter
-from condcomp.layers.traits import aux_loss_names, selects_tokens
+from condcomp.layers.traits import aux_loss_names, calibrate_added_parameters, selects_tokens
 from condcomp.models import Transformer
 from condcomp.routing import RoutingError
 from condcomp.train import checkpoint as ckpt
@@ -194,8 +194,11 @@ class Trainer:
             raise
         if state is None and cfg.model.init:
             message = load_init_weights(self.model, cfg.model.init)
+            calibrated = self._calibrate_added_parameters()
             if self.rt.is_main:
                 print(message)
+                if calibrated:
+                    print(calibrated)
                 if tc.lr > 1e-3:
                     print(f"note: train.lr={tc.lr:g} is a from-scratch learning rate; fine-tuning pretrained weights "
                           "usually wants 1e-4 or lower (--set train.lr=1e-4)")
@@ -365,6 +368,20 @@ class Trainer:
                            seq_len=self.cfg.model.seq_len)
         n = self.rt.world_size
         return x.tensor_split(n)[self.rt.rank].to(self.rt.device), y.tensor_split(n)[self.rt.rank].to(self.rt.device)
+
+    def _calibrate_added_parameters(self) -> str | None:
+        """Fit the parameters that layers add to a pretrained dense model (SPLA's residual weight) on
+        up to 4 windows of step 0's training batch (the same on every rank). Returns a log line, or
+        None when no layer calibrates."""
+        tc = self.cfg.train
+        x, _ = train_batch(self.corpus.train, step=0, seed=tc.seed, batch_size=min(tc.batch_size, 4),
+                           seq_len=self.cfg.model.seq_len)
+        fitted = calibrate_added_parameters(self.model, x)
+        if not fitted:
+            return None
+        values = torch.cat([v.flatten() for v in fitted.values()])
+        return (f"calibrated {len(fitted)} layers' added parameters on {x.numel()} training tokens "
+                f"(range {values.min().item():.2f} to {values.max().item():.2f})")
 
     def train_step(self) -> tuple[float, dict]:
         tc = self.cfg.train
