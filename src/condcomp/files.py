@@ -18,9 +18,15 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path: str | Path, data) -> None:
     """Write ``data`` as JSON to ``path`` so a reader sees the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(data, indent=1).encode())

@@ -12,7 +12,7 @@ from condcomp.routing.losses import router_z_loss
 from condcomp.routing.metrics import routing_metrics
 from condcomp.routing.types import Routing, RoutingError
 
-MODES = ("global", "per_position")
+MODES = ("global", "per_sequence", "per_position")
 
 
 def _top_tokens(scores: torch.Tensor, c: int):
@@ -33,6 +33,11 @@ class ExpertChoiceRouter(Router):
     included: a token's output depends on tokens that come after it. Use it only in encoders; a
     decoder refuses to build with it (``causal`` is False).
 
+    mode="per_sequence" ranks each sequence's tokens on its own (c = ceil(capacity_factor * seq /
+    experts) per expert and sequence): the image models' choice (EC-DiT routes each image over its
+    patches). Like global it reads the future, but no sequence's routing depends on another's, so
+    outputs are batch-invariant. Needs input [batch, seq, d].
+
     mode="per_position" is the causal scheme for decoders:
     - training: each position t is its own group; experts choose among the batch's tokens at
       position t (c = ceil(capacity_factor * batch / experts)). Those tokens depend only on positions
@@ -48,7 +53,7 @@ class ExpertChoiceRouter(Router):
     Args:
         d_model, num_experts: sizes.
         capacity_factor: > 0; 2 matches top-2 compute.
-        mode: "global" (encoders) or "per_position" (decoders).
+        mode: "global" (encoders), "per_sequence" (image models, encoders) or "per_position" (decoders).
         threshold_momentum: EMA momentum of the inference thresholds (per_position mode).
     """
 
@@ -90,7 +95,9 @@ class ExpertChoiceRouter(Router):
         if self.mode == "global":
             vals, idx = _top_tokens(scores.t(), self.capacity(int(real.sum())))  # [e, c]
         elif len(tokens.shape) != 2:
-            raise RoutingError("per_position expert choice needs input [batch, seq, d] to know the positions")
+            raise RoutingError(f"{self.mode} expert choice needs input [batch, seq, d] to know the sequences")
+        elif self.mode == "per_sequence":
+            vals, idx = self._per_sequence(scores, *tokens.shape)
         elif self.training:
             vals, idx = self._per_position(scores, *tokens.shape)
         else:
@@ -108,6 +115,15 @@ class ExpertChoiceRouter(Router):
         routing.metrics = routing_metrics(probs, token_index, group_sizes, real, routing.dropped)
         routing.metrics["fraction_unserved"] = (real & ~served).sum() / real.sum().clamp(min=1)
         return routing
+
+    def _per_sequence(self, scores: torch.Tensor, b: int, t: int):
+        """Top-c of each sequence's tokens per expert. scores [b*t, e] -> vals, idx: [e, b*c]. Padding
+        scores -inf and is dropped by the caller (c follows the full length)."""
+        e = self.num_experts
+        c = self.capacity(t)
+        vals, which_t = _top_tokens(scores.view(b, t, e).transpose(1, 2), c)  # [b, e, c]
+        tok = which_t + (torch.arange(b, device=scores.device) * t)[:, None, None]
+        return vals.transpose(0, 1).reshape(e, b * c), tok.transpose(0, 1).reshape(e, b * c)
 
     def _per_position(self, scores: torch.Tensor, b: int, t: int):
         """Top-c among the batch at each position. scores [b*t, e] -> vals, idx: [e, t*c]."""

@@ -28,8 +28,9 @@ class MoESettings(Settings):
     jitter: float = setting(0.0, ge=0.0, lt=1.0)
     priority: str = setting("position_major", choices=("position_major", "rank_major"),
                             help="top_k overflow order; rank_major (GShard) reads future tokens: encoders only")
-    expert_choice_mode: str = setting("per_position", choices=("per_position", "global"),
-                                      help="global reads future tokens: encoders only")
+    expert_choice_mode: str = setting("per_position", choices=("per_position", "per_sequence", "global"),
+                                      help="per_sequence (each sequence on its own) and global (the whole batch) "
+                                           "read future tokens: image models and encoders only")
     d_ff: int | None = setting(None, ge=1, help="hidden size of each expert; default: the dense FFN's")
     activation: str = setting("gelu", choices=("gelu", "swiglu"))
     shared_expert_d_ff: int | None = setting(None, ge=1)
@@ -64,10 +65,10 @@ def _validate(model) -> None:
     if m.layers is not None and max(m.layers) >= model.n_layers:
         raise ConfigError(f"moe.layers: layer {max(m.layers)} is out of range; the model has layers "
                           f"0..{model.n_layers - 1}")
-    if m.router == "expert_choice" and m.expert_choice_mode == "global":
+    if m.router == "expert_choice" and m.expert_choice_mode != "per_position":
         raise ConfigError(
-            "moe.expert_choice_mode: 'global' expert choice ranks tokens against future positions, so a "
-            "decoder would learn to read the future; use expert_choice_mode: per_position")
+            f"moe.expert_choice_mode: '{m.expert_choice_mode}' expert choice ranks tokens against future positions, "
+            "so a decoder would learn to read the future; use expert_choice_mode: per_position")
     if not m.causal:
         raise ConfigError(
             "moe.priority: 'rank_major' keeps every first choice before any second choice, so whether an early "
