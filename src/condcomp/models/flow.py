@@ -19,14 +19,22 @@ import torch
 import torch.nn.functional as F
 
 
+TIME_SAMPLING = ("uniform", "logit_normal")
+
+
 def flow_loss(model, x0: torch.Tensor, labels: torch.Tensor, *, generator: torch.Generator | None = None,
-              label_dropout: float = 0.1) -> tuple[torch.Tensor, list]:
+              label_dropout: float = 0.1, time_sampling: str = "uniform") -> tuple[torch.Tensor, list]:
     """Mean squared velocity error of ``model`` on clean images x0 [b, C, H, W] with labels [b].
     The noise, times and dropped labels come from ``generator`` (a CPU generator: the batch of a
     step is then a pure function of its seed). Returns (loss, the model's per-block LayerInfos)."""
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator).to(x0)
-    t = torch.sigmoid(torch.randn(b, generator=generator)).to(x0.device)  # logit-normal(0, 1)
+    if time_sampling == "uniform":
+        t = torch.rand(b, generator=generator).to(x0.device)
+    elif time_sampling == "logit_normal":
+        t = torch.sigmoid(torch.randn(b, generator=generator)).to(x0.device)
+    else:
+        raise ValueError(f"time_sampling must be one of {TIME_SAMPLING}, got {time_sampling!r}")
     drop = (torch.rand(b, generator=generator) < label_dropout).to(labels.device)
     labels = torch.where(drop, model.cfg.num_classes, labels)
     xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * noise

@@ -30,7 +30,7 @@ from condcomp import registry
 from condcomp.data.digits import DATASETS, image_shape, load_digits
 from condcomp.flops import flop_counter
 from condcomp.models.dit import DiT, DiTConfig
-from condcomp.models.flow import flow_loss, sample
+from condcomp.models.flow import TIME_SAMPLING, flow_loss, sample
 from condcomp.settings import ConfigError, Settings, from_dict, read_yaml, setting
 from condcomp.train import checkpoint as ckpt
 from condcomp.train.metrics_log import MetricsLog
@@ -56,6 +56,8 @@ class DiTTrainConfig(Settings):
     precision: str = setting("bf16", choices=("fp32", "bf16"))
     seed: int = setting(0, ge=0)
     label_dropout: float = setting(0.1, ge=0.0, le=1.0, help="classifier-free guidance: share of null labels")
+    time_sampling: str = setting("uniform", choices=TIME_SAMPLING, help="training times t: uniform, or "
+                                 "logit_normal (SD3: more mid-range t)")
     ema: float = setting(0.999, ge=0.0, lt=1.0, help="EMA decay of the weights samples are drawn from")
     max_flops: float | None = setting(None, gt=0.0, help="stop when the executed training FLOPs reach this")
     flops_every: int = setting(25, ge=1, help="count FLOPs every this many steps (the count in between is reused)")
@@ -211,7 +213,8 @@ class DiTTrainer:
         self.model.train()
         with counter:
             with autocast(tc.precision):
-                loss, infos = flow_loss(self.model, x, y, generator=gen, label_dropout=tc.label_dropout)
+                loss, infos = flow_loss(self.model, x, y, generator=gen, label_dropout=tc.label_dropout,
+                                         time_sampling=tc.time_sampling)
                 aux = sum((self.aux_weights.get(name, 0.0) * value for info in infos
                            for name, value in info.aux_losses.items()), torch.zeros(()))
                 total = loss + aux
