@@ -168,6 +168,8 @@ def test_train_resume_sample_end_to_end(tmp_path, capsys, monkeypatch):
 
     assert matplotlib.image.imread(out).shape[:2] == (10 * 10, 3 * 10)  # 8x8 digits with 2-px gutters
     capsys.readouterr()
+    assert main(["dit", "eval", "--checkpoint", str(whole), "--samples", "20", "--steps", "2"]) == 0
+    assert "judge accuracy" in capsys.readouterr().out
     assert main(["dit", "sample", "--checkpoint", str(whole), "--classes", "12", "--out", str(out)]) == 2
     assert "unknown class label 12" in capsys.readouterr().err
 
