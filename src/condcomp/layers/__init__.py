@@ -11,6 +11,7 @@ from condcomp.layers.kv_cache import KVCache, ModelCache
 from condcomp.layers.local_attention import LocalAttention
 from condcomp.layers.moe import MoE
 from condcomp.layers.norm import RMSNorm
+from condcomp.layers.prunable_ffn import PrunableFeedForward
 from condcomp.layers.rotary import Rotary
 from condcomp.layers.selected_block import LayerSkip, MixtureOfDepths, SelectedBlock
 from condcomp.layers.sparse_linear_attention import SparseLinearAttention
@@ -18,6 +19,6 @@ from condcomp.layers.sru import SRU, SRULayer, SRUpp, SRUppAttention
 from condcomp.layers.traits import ConditionalLayer, RoutedParameters
 
 __all__ = ["Attention", "AttentionExperts", "ConditionalAttention", "ConditionalFeedForward", "ConditionalLayer", "FeedForward",
-           "KVCache", "LayerInfo", "LayerSkip", "LocalAttention", "MixtureOfDepths", "MoE", "ModelCache", "ParallelBlock", "RMSNorm",
+           "KVCache", "LayerInfo", "LayerSkip", "LocalAttention", "MixtureOfDepths", "MoE", "ModelCache", "ParallelBlock", "PrunableFeedForward", "RMSNorm",
            "RecurrentBlock", "Rotary", "RoutedParameters", "SRU", "SRULayer", "SRUpp", "SRUppAttention",
            "SelectedBlock", "SparseLinearAttention", "TransformerBlock", "colt5_router"]
