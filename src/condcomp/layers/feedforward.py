@@ -28,12 +28,14 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(d_ff, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerInfo]:
-        """padding_mask is accepted for a uniform FFN interface; a dense FFN treats tokens independently."""
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The activated hidden channels: [..., d_model] -> [..., d_ff]."""
         h = self.up(x)
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
-        return self.dropout(self.down(h)), LayerInfo()
+            return F.silu(gate) * up
+        return F.gelu(h)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerInfo]:
+        """padding_mask is accepted for a uniform FFN interface; a dense FFN treats tokens independently."""
+        return self.dropout(self.down(self.hidden(x))), LayerInfo()

@@ -12,7 +12,6 @@ prompt and every generated token.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from condcomp.layers.feedforward import FeedForward
 from condcomp.layers.info import LayerInfo
@@ -27,12 +26,7 @@ class PrunableFeedForward(FeedForward):
                 channel_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerInfo]:
         if channel_mask is None:
             return super().forward(x, padding_mask)
-        h = self.up(x)
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
+        h = self.hidden(x)
         m = channel_mask.to(h.dtype)
         h = h * (m[:, None, :] if m.dim() == 2 else m)
         return self.dropout(self.down(h)), LayerInfo()
