@@ -20,7 +20,8 @@ from torch import nn
 
 from condcomp.bench.measure import timed_alternating
 from condcomp.layers.info import LayerInfo
-from condcomp.models.dit import DiT, DiTConfig
+from condcomp.dit_config import DiTConfig
+from condcomp.models.dit import DiT
 from condcomp.models.flow import flow_loss, sample
 from condcomp.settings import from_dict
 from condcomp.train.optim import autocast
@@ -47,7 +48,8 @@ class IdealMoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         n, total = flat.shape[0], sum(self.sizes)
         rows = flat.repeat(-(-total // n), 1)[:total]
-        ys = torch.cat([self.experts(g, chunk) for g, chunk in enumerate(rows.split(self.sizes)) if chunk.shape[0]])
+        run = self.experts.groups()
+        ys = torch.cat([run(g, chunk) for g, chunk in enumerate(rows.split(self.sizes)) if chunk.shape[0]])
         ys = torch.nn.functional.pad(ys, (0, 0, 0, -total % n))
         return ys.view(-1, n, ys.shape[-1]).sum(0).view(x.shape), LayerInfo()
 
@@ -100,7 +102,7 @@ def main() -> None:
     times = timed_alternating({n: step_fn(m) for n, m in steps.items()}, args.rounds)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; training step, batch {args.batch}, "
           f"{args.precision}, d_model 128, 4 layers, 16 patches\n")
-    print(f"| variant | step ms | x its ideal | x dense |\n|---|---:|---:|---:|")
+    print("| variant | step ms | x its ideal | x dense |\n|---|---:|---:|---:|")
     dense = times["dense (GELU 512)"]
     for name, sec in times.items():
         if name.startswith("  ideal"):

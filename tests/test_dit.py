@@ -12,7 +12,8 @@ import torch
 
 from condcomp.cli import main
 from condcomp.models.digit_judge import frechet_distance
-from condcomp.models.dit import DiT, DiTConfig
+from condcomp.dit_config import DiTConfig
+from condcomp.models.dit import DiT
 from condcomp.models.flow import sample
 from condcomp.routing import ExpertChoiceRouter
 from condcomp.settings import ConfigError, from_dict

@@ -9,7 +9,8 @@ from condcomp.cli_args import number
 
 
 def _train(args) -> int:
-    from condcomp.train.dit_trainer import DiTTrainer, load_dit_config
+    from condcomp.dit_config import load_dit_config
+    from condcomp.train.dit_trainer import DiTTrainer
 
     overrides = list(args.set or [])
     if args.run_dir:

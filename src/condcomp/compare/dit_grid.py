@@ -25,7 +25,8 @@ from pathlib import Path
 from condcomp.compare.grid import SAFE_NAME
 from condcomp.settings import ConfigError, apply_override, load_yaml_file
 from condcomp.train import checkpoint as ckpt
-from condcomp.train.dit_trainer import DiTRunConfig, DiTTrainer, load_dit_config
+from condcomp.dit_config import DiTRunConfig, load_dit_config
+from condcomp.train.dit_trainer import DiTTrainer
 
 
 @dataclass

@@ -63,7 +63,7 @@ class MoE(RouterTraits, nn.Module):
         routing = self.router(x, padding_mask)
         flat = x.reshape(-1, self.d_model)
         if self.placement is None:
-            y = dispatch(flat, routing, self.experts)
+            y = dispatch(flat, routing, self.experts.groups())
         else:
             y = dispatch_expert_parallel(flat, routing, self.experts, self.placement)
         if self.shared is not None:

@@ -19,7 +19,6 @@ import copy
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,77 +26,17 @@ import torch
 from tqdm.auto import tqdm
 
 from condcomp import registry
-from condcomp.data.digits import DATASETS, image_shape, load_digits
+from condcomp.data.digits import load_digits
+from condcomp.dit_config import DiTConfig, DiTRunConfig
 from condcomp.flops import flop_counter
-from condcomp.models.dit import DiT, DiTConfig
-from condcomp.models.flow import TIME_SAMPLING, flow_loss, sample
-from condcomp.settings import ConfigError, Settings, from_dict, read_yaml, setting
+from condcomp.models.dit import DiT
+from condcomp.models.flow import flow_loss, sample
+from condcomp.settings import ConfigError, from_dict
 from condcomp.train import checkpoint as ckpt
 from condcomp.train.metrics_log import MetricsLog
 from condcomp.train.optim import autocast, build_optimizer, warmup_cosine
 from condcomp.train.run_guard import RunLock, StopRequest
 from condcomp.train.trainer import TrainingError, TrainingInterrupted
-
-
-@dataclass
-class DiTDataConfig(Settings):
-    dataset: str = setting("mnist", choices=DATASETS, help="mnist (28x28, 4k train / 1k held out) or mnist8 (8x8)")
-
-
-@dataclass
-class DiTTrainConfig(Settings):
-    steps: int = setting(2000, ge=1)
-    batch_size: int = setting(64, ge=1)
-    lr: float = setting(5e-4, gt=0.0)
-    weight_decay: float = setting(0.0, ge=0.0)
-    warmup_steps: int = setting(100, ge=0)
-    min_lr_ratio: float = setting(0.1, ge=0.0, le=1.0)
-    grad_clip: float | None = setting(1.0, gt=0.0)
-    precision: str = setting("bf16", choices=("fp32", "bf16"))
-    seed: int = setting(0, ge=0)
-    label_dropout: float = setting(0.1, ge=0.0, le=1.0, help="classifier-free guidance: share of null labels")
-    time_sampling: str = setting("uniform", choices=TIME_SAMPLING, help="training times t: uniform, or "
-                                 "logit_normal (SD3: more mid-range t)")
-    ema: float = setting(0.999, ge=0.0, lt=1.0, help="EMA decay of the weights samples are drawn from")
-    max_flops: float | None = setting(None, gt=0.0, help="stop when the executed training FLOPs reach this")
-    flops_every: int = setting(25, ge=1, help="count FLOPs every this many steps (the count in between is reused)")
-    eval_every: int = setting(500, ge=1)
-    eval_samples: int = setting(200, ge=10, help="samples for the judge's accuracy and Fréchet distance")
-    sample_steps: int = setting(20, ge=1, help="Euler steps of the sampler")
-    guidance: float = setting(2.0, ge=0.0, help="classifier-free guidance scale (1 = conditional only)")
-    checkpoint_every: int = setting(500, ge=1)
-    log_every: int = setting(50, ge=1)
-    progress: bool = setting(True)
-
-
-@dataclass
-class DiTRunConfig(Settings):
-    model: DiTConfig = field(default_factory=DiTConfig)
-    data: DiTDataConfig = field(default_factory=DiTDataConfig)
-    train: DiTTrainConfig = field(default_factory=DiTTrainConfig)
-    run_dir: str = setting("runs/dit")
-    kind: str = setting("dit", choices=("dit",), help="marks a DiT run (an LM checkpoint is refused by dit commands)")
-
-    def check(self) -> None:
-        channels, side = image_shape(self.data.dataset)
-        if (self.model.image_size, self.model.channels) != (side, channels):
-            raise ConfigError(f"model.image_size: {self.model.image_size} (channels {self.model.channels}) does not "
-                              f"match data.dataset {self.data.dataset!r} ({side}x{side}, {channels} channel); "
-                              f"set model.image_size={side}")
-
-
-def load_dit_config(path=None, overrides: list[str] | None = None, *, base: dict | None = None) -> DiTRunConfig:
-    """A DiT run config from YAML (or the mapping ``base``) and ``key=value`` overrides; an image size
-    and patch left out follow the data (28 and 4 for mnist, 8 and 2 for mnist8)."""
-    raw = read_yaml(path, overrides, base=base)
-    data = raw.get("data") or {}
-    model = raw.setdefault("model", {}) if isinstance(raw.get("model", {}), dict) else raw.get("model")
-    if isinstance(data, dict) and isinstance(model, dict) and "image_size" not in model:
-        dataset = data.get("dataset", "mnist")
-        if dataset in DATASETS:
-            model["image_size"] = image_shape(dataset)[1]
-            model.setdefault("patch", 4 if dataset == "mnist" else 2)
-    return from_dict(DiTRunConfig, raw)
 
 
 def dit_config_from_checkpoint(path: str | Path) -> DiTRunConfig:
