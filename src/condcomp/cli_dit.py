@@ -86,7 +86,7 @@ def _sampling_args(p) -> None:
     p.add_argument("--steps", type=number(int, minimum=1, maximum=10000), default=20, help="Euler steps")
     p.add_argument("--guidance", type=number(float, minimum=0.0), default=2.0,
                    help="classifier-free guidance scale (0 unconditional, 1 conditional only)")
-    p.add_argument("--seed", type=number(int, minimum=0), default=0)
+    p.add_argument("--seed", type=number(int, minimum=0), default=0, help="seed of the starting noise")
 
 
 def add_parser(sub) -> None:
@@ -101,12 +101,13 @@ def add_parser(sub) -> None:
     s = dsub.add_parser("sample", help="draw class-conditional samples into one PNG grid (a row per class)")
     _sampling_args(s)
     s.add_argument("--classes", default="0-9", help="class labels: 0-9, 3 or 1,4,7")
-    s.add_argument("--per-class", type=number(int, minimum=1, maximum=1000), default=8)
+    s.add_argument("--per-class", type=number(int, minimum=1, maximum=1000), default=8, help="samples per class (a row each)")
     s.add_argument("--out", required=True, help="PNG file to write")
     s.set_defaults(func=_sample)
     e = dsub.add_parser("eval", help="judge samples: class accuracy and Fréchet distance to held-out digits")
     _sampling_args(e)
-    e.add_argument("--samples", type=number(int, minimum=10, maximum=100000), default=500)
+    e.add_argument("--samples", type=number(int, minimum=10, maximum=100000), default=500,
+                   help="samples to judge, classes in turn")
     e.set_defaults(func=_eval)
     c = dsub.add_parser("compare", help="train DiT variants at equal FLOPs and write a report (samples, curves, "
                                         "where expert choice spent compute)")
