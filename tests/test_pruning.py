@@ -117,3 +117,44 @@ def test_bad_input_is_refused_or_handled_with_a_warning():
     with pytest.warns(UserWarning, match="kept no channel"):
         small = ffn.compact(torch.zeros(12, dtype=torch.bool), where="blocks.3.ffn")
     assert small.down.in_features == 1
+
+
+@pytest.mark.parametrize("ffn", ["swiglu", "gelu"])
+def test_a_pruned_model_equals_the_dense_model_with_the_pruned_channels_zeroed(ffn):
+    from condcomp.config import ModelConfig, from_dict
+    from condcomp.convert.prune import magnitude_masks, prune_ffn_channels
+    from condcomp.models import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(from_dict(ModelConfig, dict(d_model=32, n_layers=3, n_heads=4, seq_len=24, ffn=ffn))).double().eval()
+    masks = magnitude_masks(model, sparsity=0.5)
+    assert {int(m.sum()) for m in masks} == {model.cfg.ffn_hidden // 2}
+    small = prune_ffn_channels(model, masks)
+    assert small.cfg.d_ff == model.cfg.ffn_hidden // 2
+    reference = Transformer(model.cfg).double().eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for blk, m in zip(reference.blocks, masks):
+            blk.ffn.down.weight[:, ~m] = 0  # down(h * m) == (down * m) h
+    tokens = torch.randint(0, 256, (2, 24))
+    torch.testing.assert_close(small(tokens).logits, reference(tokens).logits, rtol=1e-10, atol=1e-10)
+    # Sparsity 0 keeps every channel: the same model.
+    full = prune_ffn_channels(model, magnitude_masks(model, sparsity=0.0))
+    torch.testing.assert_close(full(tokens).logits, model(tokens).logits, rtol=0, atol=0)
+
+
+def test_pruning_refuses_what_it_cannot_make_into_one_dense_model():
+    from condcomp.config import ModelConfig, from_dict
+    from condcomp.convert.prune import PruneError, prune_ffn_channels
+    from condcomp.models import Transformer
+
+    model = Transformer(from_dict(ModelConfig, dict(d_model=32, n_layers=2, n_heads=4, seq_len=16, ffn="gelu")))
+    d_ff = model.cfg.ffn_hidden
+    uneven = [torch.arange(d_ff) < 10, torch.arange(d_ff) < 20]
+    with pytest.raises(PruneError, match="same number"):
+        prune_ffn_channels(model, uneven)
+    with pytest.raises(PruneError, match="one per layer"):
+        prune_ffn_channels(model, uneven[:1])
+    moe = Transformer(from_dict(ModelConfig, dict(d_model=32, n_layers=2, n_heads=4, seq_len=16, ffn="moe")))
+    with pytest.raises(PruneError, match="needs a dense model"):
+        prune_ffn_channels(moe, uneven)
