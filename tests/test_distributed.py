@@ -391,7 +391,10 @@ def test_a_killed_rank_fails_the_job_clearly_and_a_restart_resumes(text_file, tm
 
 def test_torchrun_restarts_resume_automatically(text_file, tmp_path):
     run_dir = tmp_path / "run"
-    result = torchrun(tmp_path, text_file, run_dir, restarts=1, resume=True)
+    # One restart is needed; a second is allowed because gloo, rebuilding its connections right after
+    # a peer was killed, has been seen to abort a fresh rank ("terminate called without an active
+    # exception", about 1 run in 4 under load). Any attempt resumes from the same step-4 checkpoint.
+    result = torchrun(tmp_path, text_file, run_dir, restarts=2, resume=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "failed").exists()  # rank 1 really died once
     assert "from step 4 on 2 rank(s)" in result.stdout and "finished step 10" in result.stdout
