@@ -19,6 +19,7 @@ grid continues where it stopped.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def load_dit_grid(path: str | Path, out: str | Path) -> DiTGrid:
         spec = spec or {}
         if not isinstance(spec, dict) or set(spec) - {"set"}:
             raise ConfigError(f"{path}: variants.{name}: expected {{set: [key=value, ...]}}")
-        merged = _deep_copy(base)
+        merged = copy.deepcopy(base)
         for assignment in spec.get("set") or []:
             apply_override(merged, assignment)
         merged["run_dir"] = str(out_dir / name)
@@ -72,14 +73,6 @@ def load_dit_grid(path: str | Path, out: str | Path) -> DiTGrid:
         except ConfigError as e:
             raise ConfigError(f"{path}: variants.{name}: {e}") from None
     return DiTGrid(name=str(raw.get("name", Path(path).stem)), flops=float(budget["flops"]), variants=configs)
-
-
-def _deep_copy(d):
-    if isinstance(d, dict):
-        return {k: _deep_copy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deep_copy(v) for v in d]
-    return d
 
 
 def run_dit_grid(path: str | Path, out: str | Path) -> Path:

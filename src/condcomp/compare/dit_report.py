@@ -106,7 +106,7 @@ def _sample_figure(samples):
     return data
 
 
-def _heatmap_figure(name, images, counts, cfg, show: int = 6):
+def _heatmap_figure(name, images, counts, show: int = 6):
     """Rows: sampling steps (noise -> image); columns: sample images; colour: experts per patch."""
     import matplotlib.pyplot as plt
 
@@ -170,7 +170,7 @@ def write_dit_report(grid, out: Path) -> Path:
     figures["samples.png"] = _sample_figure(samples)
     for name, (images, counts, _, cfg) in samples.items():
         if counts is not None and cfg.model.moe.router == "expert_choice":
-            figures[f"routing_{name}.png"] = _heatmap_figure(name, images, counts, cfg)
+            figures[f"routing_{name}.png"] = _heatmap_figure(name, images, counts)
     for fname, data in figures.items():
         write_bytes_atomic(out / fname, data)
 

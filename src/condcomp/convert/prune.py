@@ -62,9 +62,7 @@ def prune_ffn_channels(model, masks: list[torch.Tensor]):
     small = Transformer(cfg).to(dtype=next(model.parameters()).dtype)
     state = model.state_dict()
     for i, (ffn, mask) in enumerate(zip(ffns, masks)):
-        idx = mask.bool().nonzero().squeeze(-1)
-        rows = torch.cat([idx, idx + d_ff]) if ffn.activation == "swiglu" else idx
-        state[f"blocks.{i}.ffn.up.weight"] = ffn.up.weight[rows].clone()
-        state[f"blocks.{i}.ffn.down.weight"] = ffn.down.weight[:, idx].clone()
+        state[f"blocks.{i}.ffn.up.weight"], state[f"blocks.{i}.ffn.down.weight"] = \
+            ffn.channel_weights(mask.bool().nonzero().squeeze(-1))
     small.load_state_dict(state)
     return small.train(model.training)

@@ -36,6 +36,13 @@ class FeedForward(nn.Module):
             return F.silu(gate) * up
         return F.gelu(h)
 
+    def channel_weights(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights of hidden channels ``idx`` [k] alone: (up [width(k), d_model] — gate and up rows
+        for SwiGLU —, down [d_model, k]), copies, for an FFN of just those channels."""
+        d_ff = self.down.in_features
+        rows = torch.cat([idx, idx + d_ff]) if self.activation == "swiglu" else idx
+        return self.up.weight[rows].clone(), self.down.weight[:, idx].clone()
+
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerInfo]:
         """padding_mask is accepted for a uniform FFN interface; a dense FFN treats tokens independently."""
         return self.dropout(self.down(self.hidden(x))), LayerInfo()

@@ -44,7 +44,7 @@ class PrunableFeedForward(FeedForward):
         d_model = self.up.in_features
         small = FeedForward(d_model=d_model, d_ff=int(idx.numel()), activation=self.activation)
         small = small.to(device=self.up.weight.device, dtype=self.up.weight.dtype)
-        rows = torch.cat([idx, idx + self.d_ff]) if self.activation == "swiglu" else idx
-        small.up.weight.copy_(self.up.weight[rows])
-        small.down.weight.copy_(self.down.weight[:, idx])
+        up, down = self.channel_weights(idx)
+        small.up.weight.copy_(up)
+        small.down.weight.copy_(down)
         return small.eval()

@@ -235,9 +235,14 @@ def mass_matched_log_alpha(q: torch.Tensor, k: torch.Tensor, real: torch.Tensor 
     q: [b, h, t, hd]; k: [b, g, t, hd] (rotated); real: [b, t] or None. Returns (log_alpha [h], rows
     [h]: how many query rows had unread keys; a head with 0 rows has log_alpha nan).
     """
+    q, k, _, unread, _ = _read_and_unread(q, k, real, block, top_k, order)
+    return _mass_matched(q, k, unread)
+
+
+def _mass_matched(q, k, unread) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mass_matched_log_alpha`` on padded fp32 q, k and the unread mask of ``_read_and_unread``."""
     h, hd = q.shape[1], q.shape[-1]
     r = h // k.shape[1]
-    q, k, _, unread, _ = _read_and_unread(q, k, real, block, top_k, order)
     log_alpha, rows = q.new_full((h,), float("nan")), torch.zeros(h, dtype=torch.int64)
     for head in range(h):
         qh, kh, mask = q[:, head], k[:, head // r], unread[:, head // r]  # [b, T, hd], [b, T, hd], [b, T, T]
@@ -272,10 +277,10 @@ def fit_log_alpha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch
     """
     b, h, t, hd = q.shape
     r = h // k.shape[1]
-    centre, rows = mass_matched_log_alpha(q, k, real, block=block, top_k=top_k, order=order)
-    _, vp, _, _, _ = _pad_to_blocks(v, v, v, real, block)
-    q, k, read, unread, real = _read_and_unread(q, k, real, block, top_k, order)
+    _, _, _, vp, _ = _pad_to_blocks(q, k, v, real, block)
     vp = _fp32(vp)
+    q, k, read, unread, real = _read_and_unread(q, k, real, block, top_k, order)
+    centre, rows = _mass_matched(q, k, unread)
     log_alpha = q.new_full((h,), float("nan"))
     for head in range(h):
         if rows[head] == 0:
