@@ -207,6 +207,11 @@ class TrainConfig(Settings):
         help="weight of each auxiliary loss a layer returns, by name (defaults: each technique's)",
     )
     progress: bool = setting(True, help="show a progress bar")
+    eval_from: int = setting(0, ge=0, help="validation scores targets from this position of each window on (the same "
+                                           "for every variant of a grid with input-conditioned pruning, whose "
+                                           "models are scored after their prompt)")
+    distill: float = setting(0.0, ge=0.0, help="weight of the KL divergence from the model.init model's predictions "
+                                               "(distillation from the dense model a pruned one starts from); 0 = off")
 
     def check(self) -> None:
         if self.max_flops is not None and self.max_seconds is not None:
@@ -231,6 +236,9 @@ class RunConfig(Settings):
         if ep > 1 and self.model.moe.num_experts % ep:
             raise ConfigError(f"train.expert_parallel: {ep} must divide model.moe.num_experts="
                               f"{self.model.moe.num_experts} (each rank holds the same number of experts)")
+        if self.train.eval_from >= self.model.seq_len:
+            raise ConfigError(f"train.eval_from: {self.train.eval_from} leaves no position of a "
+                              f"{self.model.seq_len}-token window to score; use a value below model.seq_len")
 
 
 

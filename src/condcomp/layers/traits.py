@@ -20,6 +20,12 @@ Every layer a technique builds returns ``(y, LayerInfo)`` from ``forward`` and m
     calibrate(x, padding_mask) fit its added parameters to its input x [b, t, d] once pretrained dense
                                weights are loaded (SPLA's per-head residual weight); see
                                ``calibrate_added_parameters``.
+    reads_prompt: int          its output at positions before ``reads_prompt - 1`` depends on the rest of
+                               a prompt of that many tokens (input-conditioned pruning picks channels
+                               from the whole prompt); the trainer and evaluation score later positions
+                               only. From there on the layer is causal.
+    set_progress(fraction)     the trainer tells it how far training is (0..1) before each step (for
+                               schedules such as a sparsity ramp).
     calibration_shifts: tuple  shifts of the calibrated parameters to try end to end afterwards, and
     shift_calibration(delta)   applying one (a layer-local fit can be biased for the whole model).
 
@@ -69,6 +75,19 @@ def look_ahead_modules(model: nn.Module, *, training: bool = False) -> list[tupl
     training with ``training=True``)."""
     attr = "causal_in_training" if training else "causal"
     return [(name, m) for name, m in model.named_modules() if getattr(m, attr, True) is False]
+
+
+def prompt_length(model: nn.Module) -> int:
+    """The longest prompt any layer reads whole (``reads_prompt``), 0 when none does: positions
+    before ``prompt_length - 1`` are not causal and are left out of losses."""
+    return max((int(getattr(m, "reads_prompt", 0)) for m in model.modules()), default=0)
+
+
+def set_training_progress(model: nn.Module, fraction: float) -> None:
+    """Tell every layer with a training schedule (``set_progress``) how far training is, 0..1."""
+    for m in model.modules():
+        if callable(getattr(m, "set_progress", None)):
+            m.set_progress(fraction)
 
 
 def selects_tokens(model: nn.Module) -> bool:

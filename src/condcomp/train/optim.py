@@ -17,10 +17,16 @@ def autocast(precision: str, device_type: str = "cpu"):
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
                     betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; matrices decay, vectors (norm gains, biases) do not."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW over the trainable parameters; matrices decay, vectors (norm gains, biases) do not. A
+    parameter with an ``lr_scale`` attribute (L0 gate logits, which must travel far in a short
+    fine-tune) trains at ``lr * lr_scale`` without decay, in a group of its own."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    plain = [p for p in trainable if not hasattr(p, "lr_scale")]
+    groups = [{"params": [p for p in plain if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in plain if p.dim() < 2], "weight_decay": 0.0}]
+    for scale in sorted({float(p.lr_scale) for p in trainable if hasattr(p, "lr_scale")}):
+        groups.append({"params": [p for p in trainable if getattr(p, "lr_scale", None) == scale],
+                       "weight_decay": 0.0, "lr": lr * scale})
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 

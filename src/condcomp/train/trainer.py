@@ -29,7 +29,8 @@ from condcomp.distributed import (DistributedError, Runtime, clip_grad_norm, ful
                                   ignore_in_ddp, init_distributed, reduce_expert_grads, shard_experts,
                                   shard_optimizer_state)
 from condcomp.flops import flop_counter
-from condcomp.layers.traits import aux_loss_names, calibrate_added_parameters, selects_tokens
+from condcomp.layers.traits import (aux_loss_names, calibrate_added_parameters, prompt_length, selects_tokens,
+                                   set_training_progress)
 from condcomp.models import Transformer
 from condcomp.routing import RoutingError
 from condcomp.train import checkpoint as ckpt
@@ -65,17 +66,41 @@ def _changed_keys(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return out
 
 
+IGNORE = -100  # a target the losses skip (F.cross_entropy's ignore_index)
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-byte cross-entropy in nats. logits [b, t, v], targets [b, t]."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    """Mean next-byte cross-entropy in nats over the targets that are not ``IGNORE``. logits [b, t, v],
+    targets [b, t]."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+
+
+def scored_from(targets: torch.Tensor, position: int) -> torch.Tensor:
+    """targets [b, t] with positions before ``position`` set to ``IGNORE`` (a copy when any is)."""
+    if position <= 0:
+        return targets
+    targets = targets.clone()
+    targets[:, :position] = IGNORE
+    return targets
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) in nats per scored position (targets != IGNORE). logits [b, t, v]."""
+    keep = (targets != IGNORE).reshape(-1)
+    s = F.log_softmax(student.float().reshape(-1, student.shape[-1])[keep], dim=-1)
+    t = F.log_softmax(teacher.float().reshape(-1, teacher.shape[-1])[keep], dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
 @torch.no_grad()
 def evaluate_split(model: Transformer, data, *, batch_size: int, max_batches: int, precision: str = "fp32",
-                   rt: Runtime | None = None, token_bytes=None) -> dict[str, float]:
+                   rt: Runtime | None = None, token_bytes=None, from_position: int = 0) -> dict[str, float]:
     """Loss over fixed windows of a split: {"bpb": bits per byte, "nll": nats per token, "tokens",
     "bytes"}. data: token array [n]; token_bytes: bytes of text per token [n] (None: one byte per
     token, a byte-level corpus).
+
+    from_position: score only the targets from this position of each window on (a model whose
+    layers read a whole prompt first, ``prompt_length``; pass the same to a model it is compared with).
 
     Distributed (``rt``): every rank evaluates its share of each batch and the sums are reduced, so
     the result equals the single-process one. All ranks must call it together.
@@ -87,14 +112,15 @@ def evaluate_split(model: Transformer, data, *, batch_size: int, max_batches: in
     for batch in eval_batches(data, batch_size=batch_size, seq_len=model.cfg.seq_len, max_batches=max_batches,
                               token_bytes=token_bytes):
         x, y = batch[0].tensor_split(rt.world_size)[rt.rank], batch[1].tensor_split(rt.world_size)[rt.rank]
-        b = y.numel() if token_bytes is None else float(batch[2].tensor_split(rt.world_size)[rt.rank].sum())
+        y = y[:, from_position:]
+        b = y.numel() if token_bytes is None else float(batch[2].tensor_split(rt.world_size)[rt.rank][:, from_position:].sum())
         weight = 1.0
         if x.shape[0] == 0:
             # A short last batch left this rank without a window; run one anyway (an expert-parallel
             # forward is a collective every rank must join) and count it zero times.
             x, y, weight = x.new_zeros(1, x.shape[1]), y.new_zeros(1, y.shape[1]), 0.0
         with autocast(precision, rt.device.type):
-            logits = model(x.to(rt.device)).logits
+            logits = model(x.to(rt.device)).logits[:, from_position:]
         nll += weight * lm_loss(logits, y.to(rt.device)).item() * y.numel()
         tokens += weight * y.numel()
         nbytes += weight * b
@@ -104,10 +130,10 @@ def evaluate_split(model: Transformer, data, *, batch_size: int, max_batches: in
 
 
 def evaluate(model: Transformer, data, *, batch_size: int, max_batches: int, precision: str = "fp32",
-             rt: Runtime | None = None, token_bytes=None) -> float:
+             rt: Runtime | None = None, token_bytes=None, from_position: int = 0) -> float:
     """Bits per byte over fixed windows of ``data`` (see ``evaluate_split``)."""
     return evaluate_split(model, data, batch_size=batch_size, max_batches=max_batches, precision=precision,
-                          rt=rt, token_bytes=token_bytes)["bpb"]
+                          rt=rt, token_bytes=token_bytes, from_position=from_position)["bpb"]
 
 
 _LOST_PEER_SIGNS = ("connection closed", "connection reset", "remote worker", "timed out", "timeout",
@@ -175,6 +201,10 @@ class Trainer:
         if missing:
             raise TrainingError(f"the model's layers return aux loss(es) {missing} but train.aux_loss_weights has no "
                                 f"weight for them; add train.aux_loss_weights.{missing[0]}: <weight> (0 to ignore it)")
+        # Layers that read a whole prompt first (input-conditioned pruning) are causal from the
+        # prompt's last position on: earlier targets are left out of every loss.
+        self.loss_from = max(0, prompt_length(self.model) - 1)
+        self.teacher = self._load_teacher() if tc.distill > 0 else None
         self.step = 0
         self.total_flops = 0.0
         self.tokens_seen = 0
@@ -215,6 +245,20 @@ class Trainer:
                 optimizer_state = shard_optimizer_state(optimizer_state, self.optimizer, self.model)
             self.optimizer.load_state_dict(optimizer_state)
             self.scheduler.load_state_dict(state["scheduler"])
+
+    def _load_teacher(self) -> Transformer:
+        """The frozen model to distil from: what ``model.init`` names, as it is (before any conversion)."""
+        from condcomp.train.pretrained_init import load_model_source
+
+        init = self.cfg.model.init
+        if not init:
+            raise TrainingError("train.distill needs a teacher: set model.init to the dense model the run starts from "
+                                "(a condcomp run, a Hugging Face folder or smollm2), or set train.distill: 0")
+        teacher, _ = load_model_source(str(init), seq_len=self.cfg.model.seq_len)
+        if teacher.cfg.vocab_size != self.cfg.model.vocab_size:
+            raise TrainingError(f"train.distill: the teacher {init} has vocab_size {teacher.cfg.vocab_size} but this "
+                                f"model has {self.cfg.model.vocab_size}; distil from a model with the same tokens")
+        return teacher.eval().requires_grad_(False).to(self.rt.device)
 
     @property
     def expert_parallel(self) -> bool:
@@ -386,6 +430,8 @@ class Trainer:
     def train_step(self) -> tuple[float, dict]:
         tc = self.cfg.train
         x, y = self.local_batch(self.step)
+        y = scored_from(y, self.loss_from)
+        set_training_progress(self.model, max(self.step / tc.steps, self.budget_progress()))
         count = self.step % tc.flops_every == 0
         counter = flop_counter() if count else contextlib.nullcontext()
         with counter:
@@ -396,6 +442,11 @@ class Trainer:
                     raise TrainingError(self._diverged(f"a router's scores became NaN or inf ({e})")) from None
                 loss = lm_loss(out.logits, y)
                 total = loss + self.aux_loss(out.aux_losses)
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = self.teacher(x).logits
+                    kl = distill_loss(out.logits, teacher_logits, y)
+                    total = total + tc.distill * kl
             total.backward()  # DDP averages the replicated gradients over ranks here
         if self.expert_parallel:
             reduce_expert_grads(self.model, self.rt)
@@ -418,6 +469,8 @@ class Trainer:
             record["grad_norm"] = grad_norm
         for name, value in out.aux_losses.items():
             record[f"aux.{name}"] = float(value.detach())
+        if self.teacher is not None:
+            record["distill_kl"] = float(kl.detach())
         record.update(_scalar_metrics(out.metrics))  # routing metrics of rank 0's share
         return mean_loss, record
 
@@ -425,7 +478,8 @@ class Trainer:
         """Validation bits/byte now, logged with the step and counters; returns it."""
         tc = self.cfg.train
         val = evaluate_split(self.model, self.corpus.val, batch_size=tc.batch_size, max_batches=tc.eval_batches,
-                             precision=tc.precision, rt=self.rt, token_bytes=self.corpus.bytes_of("val"))
+                             precision=tc.precision, rt=self.rt, token_bytes=self.corpus.bytes_of("val"),
+                             from_position=max(self.loss_from, tc.eval_from))
         record = {"step": self.step, "val_bpb": val["bpb"], "total_flops": self.total_flops,
                   "tokens": self.tokens_seen, "train_seconds": self.train_seconds}
         if self.tokenizer is not None:
