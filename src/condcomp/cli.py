@@ -106,6 +106,9 @@ def _sample(args) -> int:
         prompt = torch.tensor(tokenizer(args.prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)[None, :]
     if prompt.shape[1] == 0:
         raise ConfigError("--prompt must not be empty")
+    from condcomp.convert.prune import for_generation
+
+    model = for_generation(model, prompt)  # a pruned model decodes with its compact FFNs
     out = model.generate(prompt, args.length, temperature=args.temperature, top_k=args.top_k, generator=g)
     print(decode(out[0].tolist()) if tokenizer is None else tokenizer.decode(out[0].tolist()))
     return 0
@@ -288,11 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=_techniques)
 
-    from condcomp import cli_bam, cli_coda, cli_dit
+    from condcomp import cli_bam, cli_coda, cli_dit, cli_prune
 
     cli_coda.add_parser(sub)
     cli_bam.add_parser(sub)
     cli_dit.add_parser(sub)
+    cli_prune.add_parser(sub)
     return p
 
 

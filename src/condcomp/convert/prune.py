@@ -1,10 +1,14 @@
-"""Structured FFN pruning that physically removes channels: a dense Transformer and one channel mask
-per layer (the same kept count in every layer) -> a smaller dense Transformer whose FFNs hold only
-the kept rows of ``up`` and columns of ``down``. It is an ordinary condcomp model (``d_ff`` = the
-kept count): it saves, loads, exports and decodes like any other, at the speed of its size.
+"""Structured FFN pruning that physically removes channels: a Transformer and one channel mask per
+layer (the same kept count in every layer) -> a smaller dense Transformer whose FFNs hold only the
+kept rows of ``up`` and columns of ``down``. It is an ordinary condcomp model (``d_ff`` = the kept
+count): it saves, loads, exports and decodes like any other, at the speed of its size.
 
-The masks come from any static method: ``magnitude_masks`` (the trivial baseline: |up rows| x
-|down column|), or an L0 run's ``HardConcreteGates.deterministic_mask``.
+    small = compact(model)                       # ffn: prunable, method static or magnitude
+    small = compact_for_prompt(model, prompt)    # method conditioned: the prompt picks the channels
+    text = small.generate(prompt, 256)           # the whole generation runs the compact model
+
+The masks come from a trained ``ffn: prunable`` model (``channel_masks``), or, for a plain dense
+model, from ``magnitude_masks`` (the trivial baseline: |up rows| x |down column|).
 """
 
 from __future__ import annotations
@@ -20,15 +24,67 @@ class PruneError(ConvertError):
 
 
 def _dense_ffns(model) -> list:
+    """The FFN of every block: plain ``FeedForward`` layers, or the ``ffn: prunable`` ones (their
+    subclasses, with the same weights)."""
     from condcomp.layers.feedforward import FeedForward
 
-    if model.cfg.ffn not in ("swiglu", "gelu") or model.cfg.block != "transformer":
-        raise PruneError(f"channel pruning needs a dense model (ffn: swiglu or gelu, block: transformer); this one has "
-                         f"ffn: {model.cfg.ffn}, block: {model.cfg.block}")
+    if model.cfg.ffn not in ("swiglu", "gelu", "prunable") or model.cfg.block not in ("transformer", "parallel"):
+        raise PruneError(f"channel pruning needs a dense or prunable model (ffn: swiglu, gelu or prunable; block: "
+                         f"transformer or parallel); this one has ffn: {model.cfg.ffn}, block: {model.cfg.block}")
     ffns = [blk.ffn for blk in model.blocks]
-    if not all(type(f) is FeedForward for f in ffns):
-        raise PruneError("channel pruning needs plain FeedForward layers in every block")
+    if not all(isinstance(f, FeedForward) for f in ffns):
+        raise PruneError("channel pruning needs a FeedForward layer in every block")
     return ffns
+
+
+def _activation(model) -> str:
+    return model.cfg.prunable.activation if model.cfg.ffn == "prunable" else model.cfg.ffn
+
+
+def channel_masks(model, prompt: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The channels a trained ``ffn: prunable`` model keeps, bool [d_ff] per layer: its static mask
+    (methods static and magnitude), or the one its predictors choose for ``prompt`` [1, t] (method
+    conditioned; t >= prompt_len, the first prompt_len tokens are read)."""
+    from condcomp.layers.prunable_ffn import PromptPrunedFeedForward
+
+    ffns = _dense_ffns(model)
+    if model.cfg.ffn != "prunable":
+        raise PruneError(f"this model has ffn: {model.cfg.ffn}, no learned channel masks; use magnitude_masks(model, "
+                         "sparsity), or train it with ffn: prunable first (condcomp prune train)")
+    if not isinstance(ffns[0], PromptPrunedFeedForward):
+        return [f.static_mask() for f in ffns]
+    if prompt is None or prompt.dim() != 2 or prompt.shape[0] != 1:
+        raise PruneError(f"an input-conditioned model picks its channels from a prompt: give one prompt as token ids "
+                         f"[1, t] with t >= {model.cfg.prunable.prompt_len}")
+    return list(prompt_masks(model, prompt)[:, 0])
+
+
+def prompt_masks(model, prompts: torch.Tensor) -> torch.Tensor:
+    """The channels an input-conditioned model keeps for each of ``prompts`` [b, t] (t >= its
+    prompt_len): bool [n_layers, b, d_ff]. One eval-mode forward over the prompts' first prompt_len
+    tokens; each layer's predictor reads the input that layer receives."""
+    from condcomp.layers.prunable_ffn import PromptPrunedFeedForward
+
+    ffns = _dense_ffns(model)
+    if not all(isinstance(f, PromptPrunedFeedForward) for f in ffns):
+        raise PruneError("prompt masks need an input-conditioned model (ffn: prunable, prunable.method: conditioned)")
+    need = model.cfg.prunable.prompt_len
+    if prompts.dim() != 2 or prompts.shape[1] < need:
+        raise PruneError(f"the prompt has {prompts.shape[-1]} tokens but this model's channel predictors read "
+                         f"{need}; give a longer prompt")
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [f.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
+             for i, f in enumerate(ffns)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(prompts[:, :need])
+            return torch.stack([f.prompt_mask(inputs[i]) for i, f in enumerate(ffns)])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
 
 
 def magnitude_masks(model, sparsity: float) -> list[torch.Tensor]:
@@ -41,10 +97,15 @@ def magnitude_masks(model, sparsity: float) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def prune_ffn_channels(model, masks: list[torch.Tensor]):
+def prune_ffn_channels(model, masks: list[torch.Tensor], *, share: bool = False):
     """A new dense Transformer with each layer's FFN cut to its mask's channels (masks: one bool
     [d_ff] per layer, all keeping the same count). Its output equals ``model`` with the pruned
-    channels' activations set to zero. The original is left unchanged."""
+    channels' activations set to zero. The original is left unchanged.
+
+    share: the new model uses the original's tensors for everything but the FFNs instead of copies
+    (per-prompt compaction: nothing but the kept FFN channels is copied, so it costs one gather).
+    The model is built on the meta device and then given its tensors: no time goes into an
+    initialisation that would be overwritten."""
     from condcomp.models import Transformer
 
     ffns = _dense_ffns(model)
@@ -58,11 +119,47 @@ def prune_ffn_channels(model, masks: list[torch.Tensor]):
         raise PruneError(f"every layer must keep the same number (at least 1) of channels to make one dense model; "
                          f"got kept counts {sorted(counts)}")
     kept = counts.pop()
-    cfg = type(model.cfg).from_dict({**model.cfg.to_dict(), "d_ff": kept})
-    small = Transformer(cfg).to(dtype=next(model.parameters()).dtype)
-    state = model.state_dict()
+    cfg = type(model.cfg).from_dict({**model.cfg.to_dict(), "ffn": _activation(model), "d_ff": kept})
+    with torch.device("meta"):
+        small = Transformer(cfg)
+    wanted = small.state_dict()
+    # Parameters and buffers, persistent or not (rotary tables), of everything but the FFNs; the
+    # predictors and gates of a prunable model stay behind.
+    tensors = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
+    tensors = {k: (v.detach() if share else v.detach().clone()) for k, v in tensors.items()}
     for i, (ffn, mask) in enumerate(zip(ffns, masks)):
-        state[f"blocks.{i}.ffn.up.weight"], state[f"blocks.{i}.ffn.down.weight"] = \
+        tensors[f"blocks.{i}.ffn.up.weight"], tensors[f"blocks.{i}.ffn.down.weight"] = \
             ffn.channel_weights(mask.bool().nonzero().squeeze(-1))
-    small.load_state_dict(state)
+    small.load_state_dict({k: v for k, v in tensors.items() if k in wanted}, assign=True)
+    for name, _ in list(small.named_buffers()):
+        if name not in wanted:  # non-persistent buffers
+            owner, _, leaf = name.rpartition(".")
+            small.get_submodule(owner)._buffers[leaf] = tensors[name]
+    if cfg.tie_embeddings:
+        small.lm_head.weight = small.embed.weight
+    if any(t.is_meta for t in [*small.parameters(), *small.buffers()]):
+        raise PruneError("internal: a tensor of the pruned model was left unset")
+    for p in small.parameters():
+        p.requires_grad_(True)
     return small.train(model.training)
+
+
+def for_generation(model, prompt: torch.Tensor):
+    """The model to decode ``prompt`` [1, t] with: the compact model for a prunable one (chosen for
+    this prompt when input-conditioned), the model itself otherwise."""
+    if model.cfg.ffn != "prunable":
+        return model
+    return compact_for_prompt(model, prompt) if model.cfg.prunable.method == "conditioned" else compact(model)
+
+
+def compact(model):
+    """The compact dense model of a trained static ``ffn: prunable`` model (method static or
+    magnitude): its outputs equal the prunable model's in eval mode."""
+    return prune_ffn_channels(model, channel_masks(model))
+
+
+def compact_for_prompt(model, prompt: torch.Tensor):
+    """The compact dense model an input-conditioned model uses for ``prompt`` [1, t] (t >= its
+    prompt_len): run it on the prompt and every generated token. From position prompt_len - 1 on its
+    outputs equal the prunable model's in eval mode."""
+    return prune_ffn_channels(model, channel_masks(model, prompt), share=True)

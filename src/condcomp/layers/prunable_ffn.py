@@ -221,4 +221,4 @@ class PromptPrunedFeedForward(_ScheduledPruning):
         if not self.training:
             return hard, LayerInfo()
         soft = soft_top_k(scores, keep) if keep < self.d_ff else torch.ones_like(scores)
-        return hard.to(soft.dtype) + soft - soft.detach(), LayerInfo()
+        return hard.to(soft.dtype) + (soft - soft.detach()), LayerInfo()  # exactly the hard mask forward
