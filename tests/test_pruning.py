@@ -282,6 +282,7 @@ def test_l0_training_samples_gates_and_its_lagrange_multipliers_ascend():
     assert (ffn.gates.log_alpha.grad > 0).all()
     model.eval()
     assert int(ffn.static_mask().sum()) == kept_channels(ffn.d_ff, 0.75)
+    assert ffn.gates.deterministic_mask(0.0).all()  # a static mask at sparsity 0 keeps the dense FFN
     # The gate logits train at their own rate.
     from condcomp.train.optim import build_optimizer
 

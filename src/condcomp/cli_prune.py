@@ -19,18 +19,36 @@ def _sparsity(text: str) -> float:
 
 
 def _train(args) -> int:
-    from condcomp.cli import _train as train
+    from condcomp.distributed import shutdown
+    from condcomp.train import Trainer
+    from condcomp.train.pretrained_init import load_run_config
 
-    s = [f"model.init={args.init}", "model.ffn=prunable", f"model.prunable.method={args.method}",
-         f"model.prunable.sparsity={args.sparsity}", f"train.distill={args.distill}", f"train.steps={args.steps}",
-         f"train.lr={args.lr}"]
-    if args.prompt_len is not None:
-        s.append(f"model.prunable.prompt_len={args.prompt_len}")
-    if args.activation is not None:
-        s.append(f"model.prunable.activation={args.activation}")
-    args.set = s + list(args.set or [])
-    args.config, args.init = None, None
-    return train(args)
+    run_dir = Path(args.run_dir)
+    if args.resume and (run_dir / "config.json").is_file():
+        cfg = load_run_config(run_dir / "config.json", list(args.set or []))  # the run's own config
+    else:
+        overrides = [f"model.init={args.init}", "model.ffn=prunable", f"model.prunable.method={args.method}",
+                     f"model.prunable.sparsity={args.sparsity}", f"train.distill={args.distill}",
+                     f"train.steps={args.steps}", f"train.lr={args.lr}", f"run_dir={args.run_dir}"]
+        if args.prompt_len is not None:
+            overrides.append(f"model.prunable.prompt_len={args.prompt_len}")
+        if args.activation is not None:
+            overrides.append(f"model.prunable.activation={args.activation}")
+        if args.data:
+            overrides.append(f"data.source={args.data}")
+        cfg = load_run_config(None, overrides + list(args.set or []))
+    finished = False
+    try:
+        trainer = Trainer(cfg, resume=args.resume or False)
+        result = trainer.train()
+        finished = True
+    finally:
+        shutdown(wait_for_peers=finished)
+    if trainer.rt.is_main:
+        val = "n/a" if result.val_bpb is None else f"{result.val_bpb:.4f}"
+        print(f"finished step {result.step}: val {val} bits/byte (from position {trainer.loss_from}); "
+              f"run folder {result.run_dir}\n  condcomp prune compact --checkpoint {result.run_dir} --out ...")
+    return 0
 
 
 def _eval(args) -> int:
@@ -110,7 +128,8 @@ def add_parser(sub) -> None:
                    help="weight of the KL to the dense model's predictions (0 = LM loss only)")
     t.add_argument("--run-dir", required=True, help="where checkpoints and metrics go")
     t.add_argument("--data", help="text to train on (default stdlib; e.g. stdlib+python-docs+kjv+bbc-news)")
-    t.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT", help="continue the run")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint, "
+                   "with the config it was started with")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     t.set_defaults(func=_train)
 

@@ -56,11 +56,14 @@ class PrunableFeedForward(FeedForward):
 class _ScheduledPruning(PrunableFeedForward):
     """Shared parts of the three pruning methods: a target sparsity reached over the first ``ramp``
     share of training (the trainer calls ``set_progress`` each step; 0 = start, 1 = end), then kept.
-    Eval and inference always use the target."""
+    Eval and inference always use the target, and so does training that never calls
+    ``set_progress`` (progress starts at 1).
+
+    Subclasses define ``channel_mask_now(x, padding_mask) -> (mask, LayerInfo)``: the mask of this
+    forward pass ([d_ff] or [b, d_ff], bool or float weights) at ``current_keep()`` channels."""
 
     def __init__(self, *, d_model: int, d_ff: int, activation: str, sparsity: float, ramp: float, dropout: float = 0.0):
         super().__init__(d_model=d_model, d_ff=d_ff, activation=activation, dropout=dropout)
-        kept_channels(d_ff, sparsity)  # validates the range
         if not 0.0 < sparsity < 1.0:
             raise RoutingError(f"sparsity must be in (0, 1) (the share of FFN channels pruned), got {sparsity}")
         if not 0.0 <= ramp <= 1.0:
@@ -88,7 +91,7 @@ class _ScheduledPruning(PrunableFeedForward):
         return kept_channels(self.d_ff, self.current_sparsity())
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerInfo]:
-        mask, info = self.training_mask(x, padding_mask)
+        mask, info = self.channel_mask_now(x, padding_mask)
         y, _ = super().forward(x, padding_mask, channel_mask=mask)
         info.metrics["kept_share"] = float(self.current_keep()) / self.d_ff
         return y, info
@@ -117,7 +120,7 @@ class MagnitudePrunedFeedForward(_ScheduledPruning):
             self.calibrate()
         return hard_channel_mask(self.scores, kept_channels(self.d_ff, self.sparsity))
 
-    def training_mask(self, x, padding_mask):
+    def channel_mask_now(self, x, padding_mask):
         if not bool(self.scored):
             self.calibrate()
         return hard_channel_mask(self.scores, self.current_keep()), LayerInfo()
@@ -147,7 +150,7 @@ class L0PrunedFeedForward(_ScheduledPruning):
     def static_mask(self) -> torch.Tensor:
         return self.gates.deterministic_mask(self.sparsity)
 
-    def training_mask(self, x, padding_mask):
+    def channel_mask_now(self, x, padding_mask):
         if not self.training:
             return self.static_mask(), LayerInfo()
         target = self.current_sparsity()
@@ -214,7 +217,7 @@ class PromptPrunedFeedForward(_ScheduledPruning):
         """bool [b, d_ff]: the channels kept for each sequence's prompt at the target sparsity."""
         return hard_channel_mask(self.scores(x, padding_mask).float(), kept_channels(self.d_ff, self.sparsity))
 
-    def training_mask(self, x, padding_mask):
+    def channel_mask_now(self, x, padding_mask):
         scores = self.scores(x, padding_mask).float()
         keep = self.current_keep()
         hard = hard_channel_mask(scores, keep)
