@@ -157,3 +157,22 @@ def test_init_into_spla_calibrates_the_residual_weight_on_training_windows(hf_fo
     for mine, theirs in zip(trainer.model.blocks, reference.blocks):
         torch.testing.assert_close(mine.attn.log_alpha, theirs.attn.log_alpha)
         assert not torch.allclose(mine.attn.log_alpha, torch.full_like(mine.attn.log_alpha, -2.0794), atol=1e-3)
+
+
+def test_prune_a_pretrained_decoder_compact_it_and_send_it_back_out(hf_folder, text_file, tmp_path, capsys):
+    run, small, exported = tmp_path / "l0", tmp_path / "compact", tmp_path / "exported"
+    assert main(["prune", "train", "--init", str(hf_folder), "--method", "static", "--sparsity", "0.5",
+                 "--steps", "4", "--run-dir", str(run)] + _sets(text_file, tmp_path)) == 0
+    assert main(["prune", "compact", "--checkpoint", str(run), "--out", str(small)]) == 0
+    assert "d_ff 64 -> 32" in capsys.readouterr().out
+    pruned, _ = load_model(run)
+    compact, cfg = load_model(small)
+    x = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x).logits, pruned(x).logits, rtol=1e-5, atol=1e-5)
+    assert main(["sample", "--checkpoint", str(small), "--prompt", "alpha beta", "--length", "5"]) == 0
+    assert main(["export", str(small), "--out", str(exported)]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported, local_files_only=True).eval()
+    assert hf.config.intermediate_size == 32
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, compact(x).logits, rtol=1e-4, atol=1e-5)
