@@ -387,6 +387,7 @@ def test_prune_cli_bad_input_fails_with_one_line(tmp_path, capsys, tiny_config):
 def test_prune_eval_scores_every_run_per_domain_from_the_prompt_on(tiny_config, text_file, tmp_path, capsys):
     import json
     import random
+    from pathlib import Path
 
     from condcomp.cli import main
     from condcomp.data import load_corpus
@@ -415,3 +416,12 @@ def test_prune_eval_scores_every_run_per_domain_from_the_prompt_on(tiny_config, 
     assert overlap.shape == (2, 2, 2) and (overlap >= 0).all() and (overlap <= 1).all()
     assert torch.allclose(overlap[:, 0, 1], overlap[:, 1, 0])
     assert (out / "overlap_cond.png").is_file() and "| cond | conditioned | 50% |" in (out / "report.md").read_text()
+    # A grid's report counts a pruned variant as the compact model it deploys.
+    from condcomp.compare.runner import measure_variant
+
+    pruned, _ = load_model(cond.run_dir)
+    measured = measure_variant("cond", Path(cond.run_dir), 0.0, infer_time=0.05)
+    predictors = sum(p.numel() for blk in pruned.blocks for p in blk.ffn.predictor.parameters())
+    ffn_half = sum(p.numel() for blk in pruned.blocks for p in (blk.ffn.up.weight, blk.ffn.down.weight)) // 2
+    assert measured.total_params == pruned.num_parameters()
+    assert measured.active_params == pruned.num_parameters() - predictors - ffn_half

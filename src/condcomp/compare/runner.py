@@ -120,6 +120,7 @@ def measure_variant(name: str, run_dir: Path, peak_rss_mib: float, *, infer_time
     prior_flops: FLOPs of the stages it started from, added to its own (train_flops, the curve)."""
     from condcomp.bench.measure import inference_tokens_per_s
     from condcomp.compare.compute_map import active_parameters, trace_routing
+    from condcomp.convert.prune import for_generation
     from condcomp.data import eval_batches, load_corpus
     from condcomp.train.trainer import load_model
 
@@ -133,16 +134,19 @@ def measure_variant(name: str, run_dir: Path, peak_rss_mib: float, *, infer_time
                          cache_dir=cfg.data.cache_dir)
     x, _ = next(iter(eval_batches(corpus.val, batch_size=4, seq_len=cfg.model.seq_len, max_batches=1)))
     traces = trace_routing(model, x)
+    # A pruned model is deployed as its compact dense model (for an input-conditioned one, the one its
+    # first window's prompt picks: same shapes for every prompt); its size and speed are that model's.
+    deployed = for_generation(model, x[:1])
     return VariantResult(
         name=name,
         val_bpb=float(last["val_bpb"]),
         total_params=model.num_parameters(),
-        active_params=active_parameters(model, traces),
+        active_params=active_parameters(model, traces) if deployed is model else deployed.num_parameters(),
         train_flops=float(last["total_flops"]) + prior_flops,
         train_seconds=float(last["train_seconds"]),
         steps=int(last["step"]),
         train_tokens_per_s=float(last["tokens"]) / max(float(last["train_seconds"]), 1e-9),
-        infer_tokens_per_s=inference_tokens_per_s(model, corpus.val, cfg.train.precision, min_time=infer_time),
+        infer_tokens_per_s=inference_tokens_per_s(deployed, corpus.val, cfg.train.precision, min_time=infer_time),
         peak_rss_mib=peak_rss_mib,
         curve=[{"step": r["step"], "val_bpb": r["val_bpb"], "total_flops": r["total_flops"] + prior_flops,
                 "train_seconds": r["train_seconds"]} for r in evals],
