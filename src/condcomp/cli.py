@@ -13,7 +13,7 @@ from condcomp.config import ConfigError
 
 
 def _train(args) -> int:
-    from condcomp.train import Trainer
+    from condcomp.cli_args import run_training
     from condcomp.train.pretrained_init import load_run_config
 
     overrides = list(args.set or [])
@@ -30,15 +30,7 @@ def _train(args) -> int:
         if (run_dir / "config.json").is_file():
             config = run_dir / "config.json"
     cfg = load_run_config(config, overrides)
-    from condcomp.distributed import shutdown
-
-    finished = False
-    try:
-        trainer = Trainer(cfg, resume=args.resume or False)
-        result = trainer.train()
-        finished = True
-    finally:
-        shutdown(wait_for_peers=finished)  # a torchrun job: leave the process group, whatever happened
+    trainer, result = run_training(cfg, args.resume)
     if trainer.rt.is_main:
         val = "n/a" if result.val_bpb is None else f"{result.val_bpb:.4f}"
         print(f"finished step {result.step}: val {val} bits/byte; run folder {result.run_dir}")

@@ -1,4 +1,5 @@
-"""Argument types shared by the command-line modules: numbers checked at the boundary."""
+"""Shared by the command-line modules: argument types (numbers checked at the boundary) and running
+one training job to its end."""
 
 from __future__ import annotations
 
@@ -21,3 +22,19 @@ def number(kind, *, minimum=None, strictly: bool = False, maximum=None):
             raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {text}")
         return value
     return parse
+
+
+def run_training(cfg, resume):
+    """Train ``cfg`` (a RunConfig) to its end, alone or as one rank of a torchrun job. Returns
+    (trainer, result); the process group is left whatever happened."""
+    from condcomp.distributed import shutdown
+    from condcomp.train import Trainer
+
+    finished = False
+    try:
+        trainer = Trainer(cfg, resume=resume or False)
+        result = trainer.train()
+        finished = True
+    finally:
+        shutdown(wait_for_peers=finished)  # a torchrun job: leave the process group, whatever happened
+    return trainer, result

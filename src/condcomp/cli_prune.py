@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from condcomp.cli_args import number
+from condcomp.cli_args import number, run_training
 
 
 def _sparsity(text: str) -> float:
@@ -19,8 +19,6 @@ def _sparsity(text: str) -> float:
 
 
 def _train(args) -> int:
-    from condcomp.distributed import shutdown
-    from condcomp.train import Trainer
     from condcomp.train.pretrained_init import load_run_config
 
     run_dir = Path(args.run_dir)
@@ -37,13 +35,7 @@ def _train(args) -> int:
         if args.data:
             overrides.append(f"data.source={args.data}")
         cfg = load_run_config(None, overrides + list(args.set or []))
-    finished = False
-    try:
-        trainer = Trainer(cfg, resume=args.resume or False)
-        result = trainer.train()
-        finished = True
-    finally:
-        shutdown(wait_for_peers=finished)
+    trainer, result = run_training(cfg, args.resume)
     if trainer.rt.is_main:
         val = "n/a" if result.val_bpb is None else f"{result.val_bpb:.4f}"
         print(f"finished step {result.step}: val {val} bits/byte (from position {trainer.loss_from}); "
