@@ -182,12 +182,15 @@ class PromptPrunedFeedForward(_ScheduledPruning):
     fixed once per prompt), so this layer refuses inputs shorter than its prompt.
     """
 
-    def __init__(self, *, prompt_len: int, predictor_hidden: int = 64, **kwargs):
+    def __init__(self, *, prompt_len: int, predictor_hidden: int = 64, predictor_lr_scale: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         d_model = self.up.in_features
         self.prompt_len = prompt_len
         self.predictor = ChannelMaskPredictor(d_model=d_model, d_ff=self.d_ff, n_layers=1, hidden=predictor_hidden,
                                               min_prompt=prompt_len)
+        if predictor_lr_scale != 1.0:  # the optimiser gives these their own rate (build_optimizer)
+            for p in self.predictor.parameters():
+                p.lr_scale = predictor_lr_scale
 
     @property
     def reads_prompt(self) -> int:

@@ -36,6 +36,7 @@ class PrunableSettings(Settings):
     prompt_len: int = setting(64, ge=1, help="conditioned: tokens at the start of each sequence the predictor reads "
                                              "(the loss starts at the prompt's last position)")
     predictor_hidden: int = setting(64, ge=1, help="conditioned: hidden width of each layer's mask predictor")
+    predictor_lr_scale: float = setting(1.0, gt=0.0, help="conditioned: the predictors train at train.lr times this")
     lagrangian_lr: float = setting(0.5, gt=0.0, help="static: dual-ascent step of the L0 Lagrange multipliers")
     gate_lr_scale: float = setting(50.0, gt=0.0, help="static: the gate logits train at train.lr times this")
 
@@ -59,4 +60,5 @@ def build(*, model, settings: PrunableSettings, layer_idx: int) -> nn.Module:
         return MagnitudePrunedFeedForward(**common)
     if settings.method == "static":
         return L0PrunedFeedForward(lagrangian_lr=settings.lagrangian_lr, gate_lr_scale=settings.gate_lr_scale, **common)
-    return PromptPrunedFeedForward(prompt_len=settings.prompt_len, predictor_hidden=settings.predictor_hidden, **common)
+    return PromptPrunedFeedForward(prompt_len=settings.prompt_len, predictor_hidden=settings.predictor_hidden,
+                                   predictor_lr_scale=settings.predictor_lr_scale, **common)
