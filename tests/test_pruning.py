@@ -209,7 +209,7 @@ def test_the_prompt_does_choose_the_channels():
 
 @pytest.mark.parametrize("method", ["conditioned", "static", "magnitude"])
 def test_the_compact_model_is_the_prunable_model_and_decodes_the_same(method):
-    from condcomp.convert.prune import compact, compact_for_prompt, for_generation
+    from condcomp.convert.prune import compact, compact_for_prompt, for_generation, generate
 
     model = _prunable(method)
     x = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(1))
@@ -222,14 +222,15 @@ def test_the_compact_model_is_the_prunable_model_and_decodes_the_same(method):
     else:
         assert small.embed.weight.data_ptr() != model.embed.weight.data_ptr()
     assert small.lm_head.weight is small.embed.weight
-    # Greedy decoding with the compact model and a KV cache == re-running the prunable model on the
-    # whole text each step (its masks stay those of the first P tokens).
-    out = for_generation(model, x).generate(x, 5, temperature=0)
+    # Greedy decoding as deployed (compact model, KV cache; for a conditioned model, the cache of its
+    # masked pass over the prompt) == re-running the prunable model on the whole text each step
+    # (its masks stay those of the first P tokens).
     ref = x
     with torch.no_grad():
         for _ in range(5):
             ref = torch.cat([ref, model(ref).logits[:, -1:].argmax(-1)], dim=1)
-    assert torch.equal(out, ref)
+    assert torch.equal(generate(model, x, 5, temperature=0), ref)
+    assert torch.equal(for_generation(model, x).generate(x, 5, temperature=0), ref)
 
 
 @pytest.mark.parametrize("method", ["conditioned", "magnitude"])
@@ -425,3 +426,37 @@ def test_prune_eval_scores_every_run_per_domain_from_the_prompt_on(tiny_config, 
     ffn_half = sum(p.numel() for blk in pruned.blocks for p in (blk.ffn.up.weight, blk.ffn.down.weight)) // 2
     assert measured.total_params == pruned.num_parameters()
     assert measured.active_params == pruned.num_parameters() - predictors - ffn_half
+
+
+def test_generate_continues_from_a_prefilled_cache_and_refuses_a_partial_one():
+    from condcomp.config import ModelConfig, from_dict
+    from condcomp.layers.kv_cache import ModelCache
+    from condcomp.models import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(from_dict(ModelConfig, dict(d_model=16, n_layers=2, n_heads=2, seq_len=32))).double().eval()
+    x = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(6))
+    cache = ModelCache()
+    with torch.no_grad():
+        logits = model(x, cache=cache, last_only=True).logits[:, -1]
+        assert torch.equal(model.generate(x, 6, temperature=0, prefilled=(cache, logits)),
+                           model.generate(x, 6, temperature=0))
+        partial = ModelCache()
+        model(x[:, :3], cache=partial)
+        with pytest.raises(ValueError, match="has read the whole prompt"):
+            model.generate(x, 2, prefilled=(partial, logits))
+
+
+def test_prune_bench_prints_one_row_per_model_and_precision(tiny_config, capsys):
+    from condcomp.cli import main
+    from condcomp.train import Trainer
+
+    cfg = tiny_config("dense", **{"train.steps": 2})
+    Trainer(cfg).train()
+    capsys.readouterr()
+    assert main(["prune", "bench", "--model", str(cfg.run_dir), "--sparsities", "0.5", "--new-tokens", "8",
+                 "--prompt-len", "8", "--prefill-len", "16", "--rounds", "1", "--precisions", "fp32"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "x |" in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["dense", "50% pruned"]
+    assert rows[1].split("|")[2].strip() == str(cfg.model.ffn_hidden // 2)
+    assert main(["prune", "bench", "--model", str(cfg.run_dir), "--new-tokens", "40"]) == 2  # 8 + 40 > seq_len 32

@@ -98,10 +98,10 @@ def _sample(args) -> int:
         prompt = torch.tensor(tokenizer(args.prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)[None, :]
     if prompt.shape[1] == 0:
         raise ConfigError("--prompt must not be empty")
-    from condcomp.convert.prune import for_generation
+    from condcomp.convert.prune import generate
 
-    model = for_generation(model, prompt)  # a pruned model decodes with its compact FFNs
-    out = model.generate(prompt, args.length, temperature=args.temperature, top_k=args.top_k, generator=g)
+    # A pruned model decodes as deployed: with its compact FFNs (chosen by the prompt, if conditioned).
+    out = generate(model, prompt, args.length, temperature=args.temperature, top_k=args.top_k, generator=g)
     print(decode(out[0].tolist()) if tokenizer is None else tokenizer.decode(out[0].tolist()))
     return 0
 

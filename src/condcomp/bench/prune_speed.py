@@ -4,8 +4,10 @@ For a dense model (SmolLM2-135M, a Hugging Face folder or a condcomp run) and ea
 
 - decode tokens/s: greedy generation with a KV cache, batch 1, a ``prompt_len``-token prompt;
 - prefill time of ``prefill_len`` tokens;
-- the input-conditioned overhead: running the channel predictors on the prompt and gathering the
-  kept channels into the compact model (``compact_for_prompt``), as a share of one generation;
+- the input-conditioned overhead, as a share of one generation: the whole generation as deployed
+  (``condcomp.convert.prune.generate``: a masked pass over the prompt that fills the KV cache while
+  the predictors pick the channels, the gather into the compact model, then decoding from that
+  cache) minus the compact model's own generation (which reads the prompt itself);
 - the memory-bound limit: decoding one token reads every weight once, so at batch 1 no kernel can
   beat (dense weight bytes) / (pruned weight bytes); the measured ratio is compared with it.
 
@@ -36,7 +38,7 @@ class SpeedRow:
     prefill_ms: float
     prefill_vs_dense: float
     memory_bound_limit: float  # dense weight bytes / this model's
-    overhead_ms: float | None = None  # predictor + gather (conditioned), once per prompt
+    overhead_ms: float | None = None  # conditioned: deployed generation minus the compact model's, per prompt
     overhead_share: float | None = None  # of one generation with the compact model
 
 
@@ -60,13 +62,15 @@ def _time(fn) -> float:
 
 def measure(dense, *, sparsities=(0.5, 0.75), new_tokens: int = 256, prompt_len: int = 64, prefill_len: int = 512,
             rounds: int = 3, precisions=("fp32", "bf16"), log=print) -> list[SpeedRow]:
-    from condcomp.convert.prune import compact_for_prompt, magnitude_masks, prune_ffn_channels
+    from condcomp.convert.prune import generate, magnitude_masks, prune_ffn_channels
 
     dense = dense.eval()
     vocab = dense.cfg.vocab_size
     if prompt_len + new_tokens > dense.cfg.seq_len or prefill_len > dense.cfg.seq_len:
-        raise ValueError(f"prompt + new tokens ({prompt_len + new_tokens}) and the prefill ({prefill_len}) must fit the "
-                         f"model's seq_len {dense.cfg.seq_len}")
+        from condcomp.config import ConfigError
+
+        raise ConfigError(f"prompt + new tokens ({prompt_len + new_tokens}) and the prefill ({prefill_len}) must fit the "
+                          f"model's seq_len {dense.cfg.seq_len}; use fewer --new-tokens or a shorter --prefill-len")
     models = {"dense": dense}
     twins = {}
     for sp in sparsities:
@@ -83,18 +87,18 @@ def measure(dense, *, sparsities=(0.5, 0.75), new_tokens: int = 256, prompt_len:
     for precision in precisions:
         decode = {name: [] for name in models}
         prefill = {name: [] for name in models}
-        overhead = {name: [] for name in twins}
+        deployed = {name: [] for name in twins}
         with torch.no_grad(), autocast(precision):
             for _ in range(rounds):
                 for name, m in models.items():
                     decode[name].append(_time(lambda: m.generate(prompt, new_tokens, temperature=0)))
                     prefill[name].append(_time(lambda: m(long, last_only=True)))
                     if name in twins:
-                        overhead[name].append(_time(lambda: compact_for_prompt(twins[name], prompt)))
+                        deployed[name].append(_time(lambda: generate(twins[name], prompt, new_tokens, temperature=0)))
         d0, p0 = statistics.median(decode["dense"]), statistics.median(prefill["dense"])
         for name, m in models.items():
             d, pf = statistics.median(decode[name]), statistics.median(prefill[name])
-            ov = statistics.median(overhead[name]) if name in overhead else None
+            ov = statistics.median(deployed[name]) - d if name in deployed else None
             rows.append(SpeedRow(name=name, d_ff=m.cfg.ffn_hidden, params=sum(p.numel() for p in m.parameters()),
                                  precision=precision, decode_tok_s=new_tokens / d, decode_vs_dense=d0 / d,
                                  prefill_ms=pf * 1e3, prefill_vs_dense=p0 / pf,
@@ -106,7 +110,7 @@ def measure(dense, *, sparsities=(0.5, 0.75), new_tokens: int = 256, prompt_len:
 
 
 TABLE_HEAD = ("| model | d_ff | params | precision | decode tok/s | x dense | memory-bound limit | prefill ms | x dense | "
-              "predictor + gather ms | share of a generation |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+              "conditioned overhead ms | share of a generation |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def table_row(r: SpeedRow) -> str:

@@ -53,10 +53,18 @@ def channel_masks(model, prompt: torch.Tensor | None = None) -> list[torch.Tenso
                          "sparsity), or train it with ffn: prunable first (condcomp prune train)")
     if not isinstance(ffns[0], PromptPrunedFeedForward):
         return [f.static_mask() for f in ffns]
+    _check_prompt(model, prompt)
+    return list(prompt_masks(model, prompt)[:, 0])
+
+
+def _check_prompt(model, prompt) -> None:
+    need = model.cfg.prunable.prompt_len
     if prompt is None or prompt.dim() != 2 or prompt.shape[0] != 1:
         raise PruneError(f"an input-conditioned model picks its channels from a prompt: give one prompt as token ids "
-                         f"[1, t] with t >= {model.cfg.prunable.prompt_len}")
-    return list(prompt_masks(model, prompt)[:, 0])
+                         f"[1, t] with t >= {need}")
+    if prompt.shape[1] < need:
+        raise PruneError(f"the prompt has {prompt.shape[1]} tokens but this model's channel predictors read "
+                         f"{need}; give a longer prompt")
 
 
 def prompt_masks(model, prompts: torch.Tensor) -> torch.Tensor:
@@ -142,6 +150,39 @@ def prune_ffn_channels(model, masks: list[torch.Tensor], *, share: bool = False)
     for p in small.parameters():
         p.requires_grad_(True)
     return small.train(model.training)
+
+
+@torch.no_grad()
+def generate(model, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+    """``model.generate`` for any model, pruned ones as they are deployed: a static prunable model
+    decodes with its compact model; an input-conditioned one reads the prompt once, through its
+    masked layers with a key/value cache (the predictors pick the channels on the way), and the
+    compact model for those channels decodes from that cache (its keys and values are the same).
+    prompt: [1, t] for a conditioned model (t >= prompt_len). ``sampling``: temperature, top_k,
+    generator."""
+    from condcomp.layers.kv_cache import ModelCache
+
+    if model.cfg.ffn != "prunable" or model.cfg.prunable.method != "conditioned":
+        return for_generation(model, prompt).generate(prompt, max_new_tokens, **sampling)
+    _check_prompt(model, prompt)
+    if prompt.shape[1] + max_new_tokens > model.cfg.seq_len:
+        return compact_for_prompt(model, prompt).generate(prompt, max_new_tokens, **sampling)  # no cache: recompute
+    ffns = _dense_ffns(model)
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [f.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
+             for i, f in enumerate(ffns)]
+    was_training = model.training
+    try:
+        model.eval()
+        cache = ModelCache()
+        logits = model(prompt, cache=cache, last_only=True).logits[:, -1]
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    masks = [f.prompt_mask(inputs[i])[0] for i, f in enumerate(ffns)]
+    small = prune_ffn_channels(model, masks, share=True).eval()
+    return small.generate(prompt, max_new_tokens, prefilled=(cache, logits), **sampling)
 
 
 def for_generation(model, prompt: torch.Tensor):

@@ -125,21 +125,33 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 prefilled: tuple[ModelCache, torch.Tensor] | None = None) -> torch.Tensor:
         """Sample continuations. prompt: [batch, t] int64 -> [batch, t + max_new_tokens].
 
         With a key/value cache (every block supports it, and the text fits in seq_len) each step
         processes one new token; otherwise each step recomputes the context, cropped to seq_len.
         In inference mode both give the same logits (tested).
+
+        prefilled: (cache, logits [batch, vocab]) of a pass over the whole prompt that was already
+        made, by this model or one computing the same keys and values (a pruned model's masked
+        twin): decoding starts from them instead of reading the prompt again.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         out = prompt
         use_cache = self.supports_cache and prompt.shape[1] + max_new_tokens <= self.cfg.seq_len
         cache = ModelCache() if use_cache else None
+        if prefilled is not None:
+            if not use_cache or prefilled[0].offset != prompt.shape[1]:
+                raise ValueError("prefilled needs a model that decodes with a cache, room in seq_len, and a cache that "
+                                 f"has read the whole prompt ({prompt.shape[1]} tokens, not {prefilled[0].offset})")
+            cache = prefilled[0]
         for step in range(max_new_tokens):
-            if cache is not None:
-                logits = self(out if step == 0 else out[:, -1:], cache=cache, last_only=True).logits[:, -1, :].float()
+            if step == 0 and prefilled is not None:
+                logits = prefilled[1].float()
+            elif cache is not None:
+                logits = self(out[:, cache.offset :], cache=cache, last_only=True).logits[:, -1, :].float()
             else:
                 logits = self(out[:, -self.cfg.seq_len :], last_only=True).logits[:, -1, :].float()
             if temperature == 0:
