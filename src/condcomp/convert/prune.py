@@ -153,20 +153,15 @@ def prune_ffn_channels(model, masks: list[torch.Tensor], *, share: bool = False)
 
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
-    """``model.generate`` for any model, pruned ones as they are deployed: a static prunable model
-    decodes with its compact model; an input-conditioned one reads the prompt once, through its
-    masked layers with a key/value cache (the predictors pick the channels on the way), and the
-    compact model for those channels decodes from that cache (its keys and values are the same).
-    prompt: [1, t] for a conditioned model (t >= prompt_len). ``sampling``: temperature, top_k,
-    generator."""
+def prefill(model, prompt: torch.Tensor):
+    """An input-conditioned model reads ``prompt`` [1, t] (t >= prompt_len) once, through its masked
+    layers with a key/value cache, while its predictors pick the channels; returns (the compact model
+    for those channels, the cache, the logits [1, vocab] after the prompt). The compact model
+    computes the same keys and values, so it decodes on from that cache:
+    ``small.generate(prompt, n, prefilled=(cache, logits))``."""
     from condcomp.layers.kv_cache import ModelCache
 
-    if model.cfg.ffn != "prunable" or model.cfg.prunable.method != "conditioned":
-        return for_generation(model, prompt).generate(prompt, max_new_tokens, **sampling)
     _check_prompt(model, prompt)
-    if prompt.shape[1] + max_new_tokens > model.cfg.seq_len:
-        return compact_for_prompt(model, prompt).generate(prompt, max_new_tokens, **sampling)  # no cache: recompute
     ffns = _dense_ffns(model)
     inputs: dict[int, torch.Tensor] = {}
     hooks = [f.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
@@ -181,7 +176,22 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> to
             h.remove()
         model.train(was_training)
     masks = [f.prompt_mask(inputs[i])[0] for i, f in enumerate(ffns)]
-    small = prune_ffn_channels(model, masks, share=True).eval()
+    return prune_ffn_channels(model, masks, share=True).eval(), cache, logits
+
+
+@torch.no_grad()
+def generate(model, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+    """``model.generate`` for any model, pruned ones as they are deployed: a static prunable model
+    decodes with its compact model; an input-conditioned one goes through ``prefill`` (one pass over
+    the prompt picks the channels and fills the cache) and its compact model decodes from there.
+    prompt: [1, t] for a conditioned model (t >= prompt_len). ``sampling``: temperature, top_k,
+    generator."""
+    if model.cfg.ffn != "prunable" or model.cfg.prunable.method != "conditioned":
+        return for_generation(model, prompt).generate(prompt, max_new_tokens, **sampling)
+    _check_prompt(model, prompt)
+    if prompt.shape[1] + max_new_tokens > model.cfg.seq_len:
+        return compact_for_prompt(model, prompt).generate(prompt, max_new_tokens, **sampling)  # no cache: recompute
+    small, cache, logits = prefill(model, prompt)
     return small.generate(prompt, max_new_tokens, prefilled=(cache, logits), **sampling)
 
 
