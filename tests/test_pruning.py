@@ -460,3 +460,19 @@ def test_prune_bench_prints_one_row_per_model_and_precision(tiny_config, capsys)
     assert [r.split("|")[1].strip() for r in rows] == ["dense", "50% pruned"]
     assert rows[1].split("|")[2].strip() == str(cfg.model.ffn_hidden // 2)
     assert main(["prune", "bench", "--model", str(cfg.run_dir), "--new-tokens", "40"]) == 2  # 8 + 40 > seq_len 32
+
+
+def test_l0_gates_can_start_ranked_by_magnitude():
+    from condcomp.layers.traits import calibrate_added_parameters
+
+    model = _prunable("static", gate_init="magnitude")
+    uniform = _prunable("static")
+    tokens = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(7))
+    calibrate_added_parameters(model, tokens)  # what --init runs once the dense weights are loaded
+    calibrate_added_parameters(uniform, tokens)
+    for blk, plain in zip(model.blocks, uniform.blocks):
+        f = blk.ffn
+        by_magnitude = hard_channel_mask(magnitude_scores(f.up.weight, f.down.weight, "swiglu"), f.d_ff // 2)
+        assert torch.equal(f.static_mask(), by_magnitude)
+        assert torch.equal(plain.ffn.gates.log_alpha, torch.full_like(plain.ffn.gates.log_alpha,
+                                                                      float(plain.ffn.gates.log_alpha[0].detach())))

@@ -38,7 +38,8 @@ def _train(args) -> int:
     trainer, result = run_training(cfg, args.resume)
     if trainer.rt.is_main:
         val = "n/a" if result.val_bpb is None else f"{result.val_bpb:.4f}"
-        print(f"finished step {result.step}: val {val} bits/byte (from position {trainer.loss_from}); "
+        scored_from = max(trainer.loss_from, cfg.train.eval_from)
+        print(f"finished step {result.step}: val {val} bits/byte (from position {scored_from}); "
               f"run folder {result.run_dir}\n  condcomp prune compact --checkpoint {result.run_dir} --out ...")
     return 0
 

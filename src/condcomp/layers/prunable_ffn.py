@@ -139,8 +139,12 @@ class L0PrunedFeedForward(_ScheduledPruning):
 
     aux_loss_names = ("l0_lagrangian",)
 
-    def __init__(self, *, lagrangian_lr: float = 0.01, gate_lr_scale: float = 1.0, **kwargs):
+    def __init__(self, *, lagrangian_lr: float = 0.01, gate_lr_scale: float = 1.0, gate_init: str = "uniform",
+                 **kwargs):
         super().__init__(**kwargs)
+        if gate_init not in ("uniform", "magnitude"):
+            raise RoutingError(f"gate_init must be uniform or magnitude, got {gate_init!r}")
+        self.gate_init = gate_init
         self.gates = HardConcreteGates(self.d_ff)
         # The optimiser trains the gate logits at lr * gate_lr_scale (CoFi gives them their own rate).
         self.gates.log_alpha.lr_scale = gate_lr_scale
@@ -149,6 +153,18 @@ class L0PrunedFeedForward(_ScheduledPruning):
 
     def static_mask(self) -> torch.Tensor:
         return self.gates.deterministic_mask(self.sparsity)
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """gate_init magnitude: once the dense weights are loaded, shift each gate logit by its
+        channel's standardised magnitude score, so the gates start ranked as magnitude pruning
+        ranks the channels (CoFi starts them equal: gate_init uniform, which leaves them alone)."""
+        if self.gate_init != "magnitude":
+            return None
+        scores = magnitude_scores(self.up.weight.float(), self.down.weight.float(), self.activation)
+        z = (scores - scores.mean()) / scores.std().clamp_min(1e-12)
+        self.gates.log_alpha.add_(z.to(self.gates.log_alpha.dtype))
+        return self.gates.log_alpha
 
     def channel_mask_now(self, x, padding_mask):
         if not self.training:

@@ -39,6 +39,8 @@ class PrunableSettings(Settings):
     predictor_lr_scale: float = setting(1.0, gt=0.0, help="conditioned: the predictors train at train.lr times this")
     lagrangian_lr: float = setting(0.5, gt=0.0, help="static: dual-ascent step of the L0 Lagrange multipliers")
     gate_lr_scale: float = setting(50.0, gt=0.0, help="static: the gate logits train at train.lr times this")
+    gate_init: str = setting("uniform", choices=("uniform", "magnitude"),
+                             help="static: gates start equal (CoFi), or ranked by the loaded weights' magnitude")
 
 
 def _validate(model) -> None:
@@ -59,6 +61,7 @@ def build(*, model, settings: PrunableSettings, layer_idx: int) -> nn.Module:
     if settings.method == "magnitude":
         return MagnitudePrunedFeedForward(**common)
     if settings.method == "static":
-        return L0PrunedFeedForward(lagrangian_lr=settings.lagrangian_lr, gate_lr_scale=settings.gate_lr_scale, **common)
+        return L0PrunedFeedForward(lagrangian_lr=settings.lagrangian_lr, gate_lr_scale=settings.gate_lr_scale,
+                                   gate_init=settings.gate_init, **common)
     return PromptPrunedFeedForward(prompt_len=settings.prompt_len, predictor_hidden=settings.predictor_hidden,
                                    predictor_lr_scale=settings.predictor_lr_scale, **common)
