@@ -8,8 +8,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from condcomp.cli_args import number
-from condcomp.config import ConfigError
+from condcomp.cli_args import number, prompt_ids
 
 
 def _train(args) -> int:
@@ -85,21 +84,15 @@ def _eval(args) -> int:
 def _sample(args) -> int:
     import torch
 
-    from condcomp.data import decode, encode
+    from condcomp.convert.prune import generate
+    from condcomp.data import decode
     from condcomp.train import load_model
     from condcomp.train.pretrained_init import run_tokenizer
 
     model, cfg = load_model(args.checkpoint)
     _, tokenizer = run_tokenizer(cfg.data)
     g = torch.Generator().manual_seed(args.seed)
-    if tokenizer is None:
-        prompt = encode(args.prompt)[None, :]
-    else:
-        prompt = torch.tensor(tokenizer(args.prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)[None, :]
-    if prompt.shape[1] == 0:
-        raise ConfigError("--prompt must not be empty")
-    from condcomp.convert.prune import generate
-
+    prompt = prompt_ids(args.prompt, tokenizer)
     # A pruned model decodes as deployed: with its compact FFNs (chosen by the prompt, if conditioned).
     out = generate(model, prompt, args.length, temperature=args.temperature, top_k=args.top_k, generator=g)
     print(decode(out[0].tolist()) if tokenizer is None else tokenizer.decode(out[0].tolist()))

@@ -1,5 +1,5 @@
-"""Shared by the command-line modules: argument types (numbers checked at the boundary) and running
-one training job to its end."""
+"""Shared by the command-line modules: argument types (numbers checked at the boundary), prompts as
+token ids, and running one training job to its end."""
 
 from __future__ import annotations
 
@@ -22,6 +22,20 @@ def number(kind, *, minimum=None, strictly: bool = False, maximum=None):
             raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {text}")
         return value
     return parse
+
+
+def prompt_ids(text: str, tokenizer):
+    """A --prompt as token ids [1, t]: bytes without a tokenizer, else the tokenizer's ids."""
+    import torch
+
+    from condcomp.config import ConfigError
+    from condcomp.data import encode
+
+    ids = encode(text) if tokenizer is None else torch.tensor(
+        tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if ids.numel() == 0:
+        raise ConfigError("--prompt must not be empty")
+    return ids[None, :]
 
 
 def run_training(cfg, resume):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from condcomp.cli_args import number, run_training
+from condcomp.cli_args import number, prompt_ids, run_training
 
 
 def _sparsity(text: str) -> float:
@@ -64,10 +64,7 @@ def _eval(args) -> int:
 
 
 def _compact(args) -> int:
-    import torch
-
     from condcomp.convert.prune import compact, compact_for_prompt
-    from condcomp.data import encode
     from condcomp.train import load_model
     from condcomp.train.pretrained_init import run_tokenizer, save_imported
 
@@ -78,9 +75,7 @@ def _compact(args) -> int:
             from condcomp.config import ConfigError
 
             raise ConfigError("this model picks its channels per prompt; give the prompt with --prompt TEXT")
-        ids = (encode(args.prompt) if tokenizer is None
-               else torch.tensor(tokenizer(args.prompt, add_special_tokens=False)["input_ids"], dtype=torch.long))
-        small = compact_for_prompt(model, ids[None, :])
+        small = compact_for_prompt(model, prompt_ids(args.prompt, tokenizer))
     else:
         small = compact(model)
     save_imported(small, tokenizer, args.out, source=f"pruned {args.checkpoint}")

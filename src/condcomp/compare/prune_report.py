@@ -238,7 +238,7 @@ def write_report(results: PruneResults, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", {"domains": results.domains, "prompt_len": results.prompt_len,
                                              "runs": [r.__dict__ for r in results.runs]})
-    pictures = plot_overlap(results, out)
+    plot_overlap(results, out)
     lines = [f"# Pruning: per-domain validation bits/byte (targets from position {results.prompt_len - 1} on)", "",
              *_table(results), "", "## Input-conditioned gap to dense vs the static methods' gaps", "", *claim_lines(results)]
     for r in results.runs:

@@ -80,19 +80,27 @@ def prompt_masks(model, prompts: torch.Tensor) -> torch.Tensor:
     if prompts.dim() != 2 or prompts.shape[1] < need:
         raise PruneError(f"the prompt has {prompts.shape[-1]} tokens but this model's channel predictors read "
                          f"{need}; give a longer prompt")
+    _, inputs = _run_reading_ffn_inputs(model, prompts[:, :need])
+    return torch.stack([f.prompt_mask(x) for f, x in zip(ffns, inputs)])
+
+
+@torch.no_grad()
+def _run_reading_ffn_inputs(model, tokens: torch.Tensor, **forward_kwargs):
+    """(model(tokens, **forward_kwargs) in eval mode, the input each block's FFN received [b, t, d]
+    in block order): what the per-layer channel predictors read."""
+    ffns = _dense_ffns(model)
     inputs: dict[int, torch.Tensor] = {}
     hooks = [f.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
              for i, f in enumerate(ffns)]
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
-            model(prompts[:, :need])
-            return torch.stack([f.prompt_mask(inputs[i]) for i, f in enumerate(ffns)])
+        out = model(tokens, **forward_kwargs)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
+    return out, [inputs[i] for i in range(len(ffns))]
 
 
 def magnitude_masks(model, sparsity: float) -> list[torch.Tensor]:
@@ -162,21 +170,10 @@ def prefill(model, prompt: torch.Tensor):
     from condcomp.layers.kv_cache import ModelCache
 
     _check_prompt(model, prompt)
-    ffns = _dense_ffns(model)
-    inputs: dict[int, torch.Tensor] = {}
-    hooks = [f.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
-             for i, f in enumerate(ffns)]
-    was_training = model.training
-    try:
-        model.eval()
-        cache = ModelCache()
-        logits = model(prompt, cache=cache, last_only=True).logits[:, -1]
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    masks = [f.prompt_mask(inputs[i])[0] for i, f in enumerate(ffns)]
-    return prune_ffn_channels(model, masks, share=True).eval(), cache, logits
+    cache = ModelCache()
+    out, inputs = _run_reading_ffn_inputs(model, prompt, cache=cache, last_only=True)
+    masks = [f.prompt_mask(x)[0] for f, x in zip(_dense_ffns(model), inputs)]
+    return prune_ffn_channels(model, masks, share=True).eval(), cache, out.logits[:, -1]
 
 
 @torch.no_grad()
