@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from condcomp.cli_args import number, prompt_ids
+from condcomp.device import DEVICE_HELP, add_device_option, device_spec, resolve_device
 
 
 def _train(args) -> int:
@@ -22,6 +23,8 @@ def _train(args) -> int:
         overrides.append(f"run_dir={args.run_dir}")
     if args.init:
         overrides.append(f"model.init={args.init}")
+    if args.device:
+        overrides.append(f"train.device={args.device}")
     config = args.config
     if args.resume and config is None:
         # Resuming without a config: continue with the one the run was started with.
@@ -65,16 +68,18 @@ def _config(args) -> int:
 def _eval(args) -> int:
     import math
 
+    from condcomp.distributed import Runtime
     from condcomp.train import load_model
     from condcomp.train.pretrained_init import load_run_corpus
     from condcomp.train.trainer import evaluate_split
 
     model, cfg = load_model(args.checkpoint)
+    device = resolve_device(args.device)
     if args.data:
         cfg.data.source = args.data
     corpus, tokenizer = load_run_corpus(cfg)
-    result = evaluate_split(model, corpus.split(args.split), batch_size=cfg.train.batch_size,
-                            max_batches=args.batches, precision=cfg.train.precision,
+    result = evaluate_split(model.to(device), corpus.split(args.split), batch_size=cfg.train.batch_size,
+                            max_batches=args.batches, precision=cfg.train.precision, rt=Runtime(device=device),
                             token_bytes=corpus.bytes_of(args.split))
     extra = "" if tokenizer is None else f", token perplexity {math.exp(result['nll']):.2f}"
     print(f"{args.split} bits/byte: {result['bpb']:.4f}{extra}  ({corpus.description})")
@@ -90,9 +95,11 @@ def _sample(args) -> int:
     from condcomp.train.pretrained_init import run_tokenizer
 
     model, cfg = load_model(args.checkpoint)
+    device = resolve_device(args.device)
+    model.to(device)
     _, tokenizer = run_tokenizer(cfg.data)
-    g = torch.Generator().manual_seed(args.seed)
-    prompt = prompt_ids(args.prompt, tokenizer)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    prompt = prompt_ids(args.prompt, tokenizer).to(device)
     # A pruned model decodes as deployed: with its compact FFNs (chosen by the prompt, if conditioned).
     out = generate(model, prompt, args.length, temperature=args.temperature, top_k=args.top_k, generator=g)
     print(decode(out[0].tolist()) if tokenizer is None else tokenizer.decode(out[0].tolist()))
@@ -145,7 +152,8 @@ def _export(args) -> int:
 def _compare(args) -> int:
     from condcomp.compare import load_grid, run_grid, terminal_table, write_report
 
-    grid = load_grid(args.grid, args.set)
+    overrides = list(args.set or []) + ([f"train.device={args.device}"] if args.device else [])
+    grid = load_grid(args.grid, overrides)
     out = Path(args.out or Path("runs") / f"compare-{grid.name}")
     seeds = f", once per seed {grid.seeds}" if grid.seeds else ""
     print(f"condcomp compare: {len(grid.variants)} variants ({', '.join(grid.variants)}), each trained to "
@@ -164,7 +172,7 @@ def _demo(args) -> int:
     if out is None:
         # Each demo is a fresh comparison: keep earlier ones, number the new one.
         out = str(Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    return _compare(argparse.Namespace(grid=grid, out=out, set=args.set))
+    return _compare(argparse.Namespace(grid=grid, out=out, set=args.set, device=args.device))
 
 
 def _techniques(args) -> int:
@@ -197,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "without --config, with the config the run was started with")
     t.add_argument("--init", metavar="MODEL", help="start from pretrained weights: a Hugging Face model folder, "
                    "a packaged model (smollm2) or a condcomp run folder (same as --set model.init=MODEL)")
+    t.add_argument("--device", type=device_spec, help=DEVICE_HELP + " (default: the config's train.device, auto)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="bits per byte of a checkpoint on a split")
@@ -204,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="val", choices=("train", "val", "test"), help="which split")
     e.add_argument("--data", help="evaluate on this text instead of the training source")
     e.add_argument("--batches", type=number(int, minimum=1, maximum=10**7), default=64, help="evaluation batches (>= 1)")
+    add_device_option(e)
     e.set_defaults(func=_eval)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint")
@@ -213,18 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=number(float, minimum=0.0), default=0.8, help="0 = greedy")
     s.add_argument("--top-k", type=number(int, minimum=1), default=40, help="sample among the k likeliest tokens")
     s.add_argument("--seed", type=number(int, minimum=0, maximum=2**63 - 1), default=0, help="random seed of the sampling")
+    add_device_option(s)
     s.set_defaults(func=_sample)
 
     c = sub.add_parser("compare", help="train a grid of variants under equal compute and write a report")
     c.add_argument("--grid", required=True, help="grid YAML (see condcomp/configs/grid-demo.yaml)")
     c.add_argument("--out", help="output folder (default runs/compare-<grid name>); re-run to resume")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every variant")
+    c.add_argument("--device", type=device_spec, help=DEVICE_HELP + " (default: the grid's train.device, auto)")
     c.set_defaults(func=_compare)
 
     d = sub.add_parser("demo", help="compare the techniques side by side on the built-in corpus (< 10 min)")
     d.add_argument("--grid", help="grid YAML (default: the packaged configs/grid-demo.yaml)")
     d.add_argument("--out", help="output folder (default runs/demo-<time>)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every variant")
+    d.add_argument("--device", type=device_spec, help=DEVICE_HELP + " (default: auto)")
     d.set_defaults(func=_demo)
 
     cv = sub.add_parser("convert", help="bring a pretrained model in")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from condcomp.cli_args import number
+from condcomp.device import DEVICE_HELP, device_spec
 
 
 def _bam(args) -> int:
@@ -10,7 +11,7 @@ def _bam(args) -> int:
 
     result = run_bam(seed=args.seed, domains=args.domains, steps=args.steps, out=args.out, attention=args.attention,
                      k=args.k, include_seed=not args.no_seed_expert, capacity_factor=args.capacity_factor,
-                     overrides=args.set)
+                     overrides=list(args.set or []) + ([f"train.device={args.device}"] if args.device else []))
     print(f"merged {len(result.branch_dirs)} branches{'' if args.no_seed_expert else ' and the seed'} "
           f"(branch training: {result.branch_flops:.3g} FLOPs) into {result.merged_dir}\n"
           f"  condcomp train --init {result.merged_dir} --set run_dir=... --set train.steps=...")
@@ -35,4 +36,5 @@ def add_parser(sub) -> None:
     p.add_argument("--no-seed-expert", action="store_true", help="do not keep the seed itself as one expert")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a key of every branch's config (e.g. train.lr=1e-3)")
+    p.add_argument("--device", type=device_spec, help=DEVICE_HELP + " (default: auto)")
     p.set_defaults(func=_bam)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from condcomp.cli_args import number
 from condcomp.config import ConfigError
+from condcomp.device import add_device_option, resolve_device
 
 
 def _layers(text: str | None) -> list[int] | None:
@@ -40,6 +41,7 @@ def _train(args) -> int:
     model = convert(base, method=args.method, reduction=args.reduction, adapter_dim=args.adapter_dim,
                     layers=_layers(args.layers), num_labels=len(train.label_names), label_names=train.label_names,
                     base_model=args.model, max_length=args.max_length, dropout=args.dropout)
+    model.to(resolve_device(args.device))
     out = Path(args.out or Path("runs") / f"coda-{Path(args.task).stem}-{args.method}"
                                            f"{'-r' + str(args.reduction) if args.method == 'coda' else ''}")
     print(f"condcomp coda train: {args.method} on {train.description} ({len(train)} examples), "
@@ -60,6 +62,7 @@ def _eval(args) -> int:
     from condcomp.train.classify import Tokenized, evaluate_accuracy
 
     model, tokenizer, meta = load_converted(args.checkpoint)
+    model.to(resolve_device(args.device))
     task_file = Path(args.checkpoint) / "task.json"
     task = json.loads(task_file.read_text()) if task_file.is_file() else {}
     name = args.task or task.get("task")
@@ -116,6 +119,7 @@ def add_parser(sub) -> None:
     t.add_argument("--label-column", default="label", help="column (CSV) or key (JSONL) holding the label")
     t.add_argument("--out", help="run folder (default runs/coda-<task>-<method>); re-run to resume")
     t.add_argument("--restart", action="store_true", help="ignore checkpoints already in the run folder")
+    add_device_option(t)
     t.set_defaults(func=_train)
 
     e = csub.add_parser("eval", help="accuracy of a trained model folder on a split")
@@ -124,6 +128,7 @@ def add_parser(sub) -> None:
     e.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split")
     e.add_argument("--examples", type=number(int, minimum=1), help="evaluate on only the first N examples")
     e.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast")
+    add_device_option(e)
     e.set_defaults(func=_eval)
 
     b = csub.add_parser("bench", help="CPU inference speed: dense vs adapter vs CoDA at several r, in one run")

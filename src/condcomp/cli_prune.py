@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from condcomp.cli_args import number, prompt_ids, run_training
+from condcomp.device import DEVICE_HELP, device_spec
 
 
 def _sparsity(text: str) -> float:
@@ -35,6 +36,8 @@ def _train(args) -> int:
         if args.data:
             overrides.append(f"data.source={args.data}")
         cfg = load_run_config(None, overrides + list(args.set or []))
+    if args.device:
+        cfg.train.device = args.device
     trainer, result = run_training(cfg, args.resume)
     if trainer.rt.is_main:
         val = "n/a" if result.val_bpb is None else f"{result.val_bpb:.4f}"
@@ -119,6 +122,7 @@ def add_parser(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint, "
                    "with the config it was started with")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--device", type=device_spec, help=DEVICE_HELP + " (default: the config's train.device, auto)")
     t.set_defaults(func=_train)
 
     e = psub.add_parser("eval", help="bits/byte per domain of pruned runs (or a pruning grid's output), the gap to "

@@ -17,6 +17,7 @@ from typing import Any
 
 from condcomp import registry
 from condcomp.data.domains import DOMAINS
+from condcomp.device import DeviceError, check_device_spec
 from condcomp.settings import ConfigError, Settings, from_dict, read_yaml, setting
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "RunConfig", "TrainConfig", "config_from_saved", "from_dict",
@@ -191,7 +192,10 @@ class TrainConfig(Settings):
     beta1: float = setting(0.9, ge=0.0, lt=1.0)
     beta2: float = setting(0.95, ge=0.0, lt=1.0)
     grad_clip: float | None = setting(1.0, gt=0.0)
-    precision: str = setting("fp32", choices=("fp32", "bf16"), help="bf16 = autocast on CPU")
+    precision: str = setting("auto", choices=("auto", "fp32", "bf16"),
+                             help="bf16 = autocast (bf16 matrix products, fp32 weights); auto = bf16 on CUDA, fp32 on CPU")
+    device: str = setting("auto", help="where to train: auto (CUDA when present), cpu, cuda or cuda:N "
+                                       "(under torchrun with CUDA: each rank its local GPU)")
     seed: int = setting(0, ge=0, le=2**63 - 1)
     eval_every: int = setting(200, ge=1)
     eval_batches: int = setting(16, ge=1)
@@ -214,6 +218,10 @@ class TrainConfig(Settings):
                                                "(distillation from the dense model a pruned one starts from); 0 = off")
 
     def check(self) -> None:
+        try:
+            check_device_spec(self.device)
+        except DeviceError as e:
+            raise ConfigError(f"train.device: {e}") from None
         if self.max_flops is not None and self.max_seconds is not None:
             raise ConfigError("max_flops: set a FLOPs budget or a time budget (max_seconds), not both")
         for name, w in self.aux_loss_weights.items():

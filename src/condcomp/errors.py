@@ -7,6 +7,7 @@ from __future__ import annotations
 def user_errors() -> tuple[type[BaseException], ...]:
     from condcomp.convert import ConvertError, PretrainedError
     from condcomp.data import DataError
+    from condcomp.device import DeviceError
     from condcomp.distributed import DistributedError
     from condcomp.registry import RegistryError
     from condcomp.routing import RoutingError
@@ -14,4 +15,4 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from condcomp.train import CheckpointError, TrainingError
 
     return (ConfigError, DataError, CheckpointError, TrainingError, ConvertError, PretrainedError, DistributedError,
-            RegistryError, RoutingError)
+            RegistryError, RoutingError, DeviceError)

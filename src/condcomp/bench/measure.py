@@ -91,13 +91,15 @@ def prepare(fwd: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, precis
 @torch.no_grad()
 def inference_tokens_per_s(model, data, precision: str, batch: int = 8, min_time: float = 1.0) -> float:
     """Forward-only tokens/s of an LM in inference mode on validation windows of ``data`` (uint8 array),
-    timed with torch.utils.benchmark on all threads."""
+    timed with torch.utils.benchmark on all threads, on the model's device."""
     from condcomp.data import eval_batches
 
+    device = next(model.parameters()).device
     x, _ = next(iter(eval_batches(data, batch_size=batch, seq_len=model.cfg.seq_len, max_batches=1)))
+    x = x.to(device)
 
     def run():
-        with autocast(precision):
+        with autocast(precision, device.type):
             model(x)
 
     run()

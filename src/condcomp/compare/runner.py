@@ -122,6 +122,7 @@ def measure_variant(name: str, run_dir: Path, peak_rss_mib: float, *, infer_time
     from condcomp.compare.compute_map import active_parameters, trace_routing
     from condcomp.convert.prune import for_generation
     from condcomp.data import eval_batches, load_corpus
+    from condcomp.device import resolve_device
     from condcomp.train.trainer import load_model
 
     records = MetricsLog(run_dir / "metrics.jsonl").read()
@@ -130,9 +131,12 @@ def measure_variant(name: str, run_dir: Path, peak_rss_mib: float, *, infer_time
         raise RuntimeError(f"{run_dir}: no validation record in metrics.jsonl; the run did not finish")
     last = evals[-1]
     model, cfg = load_model(run_dir)
+    device = resolve_device(cfg.train.device)
+    model.to(device)
     corpus = load_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
                          cache_dir=cfg.data.cache_dir)
     x, _ = next(iter(eval_batches(corpus.val, batch_size=4, seq_len=cfg.model.seq_len, max_batches=1)))
+    x = x.to(device)
     traces = trace_routing(model, x)
     # A pruned model is deployed as its compact dense model (for an input-conditioned one, the one its
     # first window's prompt picks: same shapes for every prompt); its size and speed are that model's.

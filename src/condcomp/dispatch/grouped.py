@@ -3,11 +3,20 @@
 Fast path: one ``index_select`` for all groups, one call per non-empty group on a contiguous slice,
 one ``index_add``. No one-hot dispatch tensors, no capacity padding: compute is spent only on the
 assignments the router made.
+
+A group function that can run all groups in one call (``GroupedFn``: the experts) does so where it
+pays, and then the group sizes are never read on the host, so dispatch never waits for the device:
+- every group the same size (``Routing.group_size``: expert choice without padding): one batched
+  matmul per weight, on any device and dtype;
+- on CUDA, varying sizes: PyTorch's grouped GEMM (bf16; offsets stay on the device).
+Otherwise the per-group loop, which needs the sizes on the host (one synchronisation): the path on
+CPU, where it is about as fast as the grouped GEMM (docs/benchmarks.md), and the fallback wherever
+the grouped kernel refuses the operands.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -15,6 +24,31 @@ from condcomp.routing.types import Routing
 
 GroupFn = Callable[[int, torch.Tensor], torch.Tensor]
 """(group index, x_group [m, d_in]) -> y_group [m, d_out]."""
+
+
+class GroupedFn(Protocol):
+    """A GroupFn that can also run every group in one call."""
+
+    def __call__(self, g: int, x: torch.Tensor) -> torch.Tensor: ...
+
+    def grouped(self, xs: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor | None:
+        """xs [a, d_in], rows sorted by group (group_sizes [g] on xs's device) -> [a, d_out], or None
+        where no grouped kernel takes these operands."""
+
+    def batched(self, xs: torch.Tensor) -> torch.Tensor:
+        """xs [g, m, d_in]: m rows for each group -> [g, m, d_out]."""
+
+
+GROUPED = "auto"
+"""When dispatch runs all groups in one call: "auto" (batched when every group has the same size;
+grouped GEMM on CUDA), "always" (the grouped GEMM on any device) or "never" (the per-group loop, the
+reference: tests and benchmarks)."""
+
+
+def use_grouped(x: torch.Tensor, group_fn) -> bool:
+    if not hasattr(group_fn, "grouped") or GROUPED == "never":
+        return False
+    return GROUPED == "always" or x.device.type == "cuda"
 
 
 def dispatch(x: torch.Tensor, routing: Routing, group_fn: GroupFn, d_out: int | None = None) -> torch.Tensor:
@@ -26,6 +60,13 @@ def dispatch(x: torch.Tensor, routing: Routing, group_fn: GroupFn, d_out: int | 
     if x.shape[0] != routing.num_tokens:
         raise ValueError(f"x has {x.shape[0]} tokens but the routing was made for {routing.num_tokens}")
     xs = x.index_select(0, routing.token_index)
+    ys = None
+    if GROUPED != "never" and routing.group_size is not None and hasattr(group_fn, "batched"):
+        ys = group_fn.batched(xs.view(routing.num_groups, routing.group_size, xs.shape[1])).flatten(0, 1)
+    elif use_grouped(x, group_fn):
+        ys = group_fn.grouped(xs, routing.group_sizes)
+    if ys is not None:
+        return WeightedScatter.apply(ys, routing.combine_weights, routing.token_index, x.shape[0])
     outs = [group_fn(g, chunk) for g, chunk in enumerate(xs.split(routing.group_sizes.tolist())) if chunk.shape[0]]
     if not outs:
         return x.new_zeros(x.shape[0], d_out or x.shape[1])

@@ -38,6 +38,12 @@ def pack_sequences(routing: Routing, batch: int, seq: int) -> SequencePack:
     if routing.num_tokens != batch * seq:
         raise ValueError(f"routing made for {routing.num_tokens} tokens, input has {batch}x{seq}")
     idx = routing.token_index
+    if routing.tokens_per_sequence is not None:  # m tokens in every row: a reshape, no read-back
+        m = routing.tokens_per_sequence
+        index = idx.view(batch, m)
+        positions = index - torch.arange(batch, device=idx.device)[:, None] * seq
+        return SequencePack(index=index, positions=positions, valid=torch.ones_like(index, dtype=torch.bool),
+                            all_valid=True)
     row = torch.div(idx, seq, rounding_mode="floor")
     counts = torch.bincount(row, minlength=batch)
     m = int(counts.max()) if idx.numel() else 0

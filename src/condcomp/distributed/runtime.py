@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from condcomp.device import check_device_spec, resolve_device
+
 
 class DistributedError(RuntimeError):
     """A distributed run is misconfigured or lost a rank; the message says what to do."""
@@ -69,9 +71,11 @@ def _env_int(name: str, default: int) -> int:
                                "which sets it") from None
 
 
-def default_backend() -> str:
-    """NCCL for GPUs, gloo for CPUs: the two backends PyTorch ships for each."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def default_backend(device: str = "auto") -> str:
+    """NCCL for GPUs, gloo for CPUs: the two backends PyTorch ships for each. device: the run's
+    ``train.device`` spec (auto: GPUs when CUDA is available)."""
+    check_device_spec(device)
+    return "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
 
 
 def _attempt_store(world: int, timeout: datetime.timedelta) -> dist.Store:
@@ -87,9 +91,11 @@ def _attempt_store(world: int, timeout: datetime.timedelta) -> dist.Store:
     return dist.PrefixStore(f"condcomp/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def init_distributed(*, expert_parallel: int = 1, timeout_s: float | None = None) -> Runtime:
+def init_distributed(*, expert_parallel: int = 1, timeout_s: float | None = None, device: str = "auto") -> Runtime:
     """Start (or join) the process group torchrun describes and build the expert groups.
 
+    device: auto, cpu, cuda or cuda:N (``condcomp.device``). A single process computes there; under
+    torchrun each rank uses its local GPU (LOCAL_RANK) with NCCL, or the CPU with gloo for "cpu".
     expert_parallel: ranks each expert bank is spread over (1 = every rank holds every expert).
     timeout_s: how long a collective waits for a missing rank before failing (default 600 s, or
         the CONDCOMP_DIST_TIMEOUT environment variable).
@@ -99,14 +105,14 @@ def init_distributed(*, expert_parallel: int = 1, timeout_s: float | None = None
         if expert_parallel != 1:
             raise DistributedError(f"train.expert_parallel={expert_parallel} needs that many ranks, but this is a "
                                    f"single process; launch with torchrun --nproc-per-node {expert_parallel}")
-        return Runtime()
+        return Runtime(device=resolve_device(device))
     if timeout_s is None:
         timeout_s = float(os.environ.get("CONDCOMP_DIST_TIMEOUT", 600))
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             raise DistributedError("WORLD_SIZE is set but MASTER_ADDR is not; launch with torchrun (it sets both)")
         timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(default_backend(), store=_attempt_store(world, timeout), rank=_env_int("RANK", 0),
+        dist.init_process_group(default_backend(device), store=_attempt_store(world, timeout), rank=_env_int("RANK", 0),
                                 world_size=world, timeout=timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     local_rank = _env_int("LOCAL_RANK", rank)

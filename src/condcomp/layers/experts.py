@@ -47,19 +47,73 @@ class Experts(nn.Module):
     def forward(self, g: int, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, self.up[g], self.down[g])
 
-    def _run(self, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        h = x @ up
-        if self.activation == "swiglu":
-            gate, up_part = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up_part
-        else:
-            h = F.gelu(h)
-        return h @ down
+    def groups(self) -> "ExpertGroups":
+        """The group function of one dispatch: ``(g, x) -> expert g of x``, and ``grouped`` for all
+        experts at once (dispatch's GroupedFn)."""
+        return ExpertGroups(self)
 
-    def groups(self):
-        """A group function ``(g, x) -> expert g of x`` for one dispatch, with every expert's weights
-        split off once (``unbind``). Indexing ``self.up[g]`` per expert instead makes each expert's
-        backward zero-fill and add a gradient the size of the whole bank: e times the traffic, 14 ms
-        of a 42 ms EC-DiT step (benchmarks.md, "DiT"). Outputs and gradients are the same."""
-        ups, downs = self.up.unbind(0), self.down.unbind(0)
-        return lambda g, x: self._run(x, ups[g], downs[g])
+    def grouped(self, xs: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor | None:
+        """Every expert on its rows in two grouped GEMMs (``torch.nn.functional.grouped_mm``).
+
+        xs: [a, d_model], rows sorted by expert; group_sizes: [e] int64 rows per expert, on xs's
+        device (never read on the host). Returns [a, d_model], or None where this PyTorch or device
+        has no grouped GEMM for these operands (the caller then loops over experts). Under autocast
+        the operands are cast to its dtype, as autocast would cast a matmul.
+        """
+        dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+        key = (xs.device.type, dtype, tuple(self.up.shape[1:]))
+        if _GROUPED_UNSUPPORTED.get(key) or _grouped_mm is None:
+            return None
+        offsets = torch.cumsum(group_sizes, 0).to(torch.int32)
+        with torch.autocast(xs.device.type, enabled=False):
+            try:
+                h = _grouped_mm(xs.to(dtype), self.up.to(dtype), offs=offsets)
+            except (RuntimeError, NotImplementedError):  # e.g. a dtype or an alignment the kernel lacks
+                _GROUPED_UNSUPPORTED[key] = True
+                return None
+            h = _activate(h, self.activation)
+            return _grouped_mm(h, self.down.to(dtype), offs=offsets)
+
+    def batched(self, xs: torch.Tensor) -> torch.Tensor:
+        """xs [e, m, d_model]: m rows for each expert -> [e, m, d_model], as two batched matmuls."""
+        return self._run(xs, self.up, self.down)
+
+    def _run(self, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """x [..., m, d_model] @ up [..., d_model, width] -> activation -> @ down: [..., m, d_model]."""
+        return _activate(x @ up, self.activation) @ down
+
+
+class ExpertGroups:
+    """One dispatch's view of an expert bank: ``(g, x)`` runs expert g, ``grouped`` runs them all.
+
+    The per-expert weights are split off once (``unbind``). Indexing ``up[g]`` per expert instead
+    makes each expert's backward zero-fill and add a gradient the size of the whole bank: e times
+    the traffic, 14 ms of a 42 ms EC-DiT step (benchmarks.md, "DiT"). Outputs and gradients are the same.
+    """
+
+    def __init__(self, experts: Experts):
+        self.experts = experts
+        self._split = None
+
+    def __call__(self, g: int, x: torch.Tensor) -> torch.Tensor:
+        if self._split is None:
+            self._split = (self.experts.up.unbind(0), self.experts.down.unbind(0))
+        ups, downs = self._split
+        return self.experts._run(x, ups[g], downs[g])
+
+    def grouped(self, xs: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor | None:
+        return self.experts.grouped(xs, group_sizes)
+
+    def batched(self, xs: torch.Tensor) -> torch.Tensor:
+        return self.experts.batched(xs)
+
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_UNSUPPORTED: dict[tuple, bool] = {}  # (device type, dtype, expert shape) the kernel refused
+
+
+def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "swiglu":
+        gate, up_part = h.chunk(2, dim=-1)
+        return F.silu(gate) * up_part
+    return F.gelu(h)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from condcomp.device import can_read_back
 from torch import nn
 
 SCALINGS = ("none", "llama3")
@@ -65,7 +67,9 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
     def apply_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if positions.numel() and int(positions.max()) >= self.max_len:
+        # The readable error where reading the maximum back is free (CPU): on CUDA an out-of-range
+        # position still fails, as a device-side index assertion.
+        if can_read_back(positions) and positions.numel() and int(positions.max()) >= self.max_len:
             raise ValueError(f"position {int(positions.max())} exceeds the model's seq_len {self.max_len}")
         cos = self.cos[positions].to(x.dtype)[:, None]  # [b, 1, seq, hd/2]
         sin = self.sin[positions].to(x.dtype)[:, None]

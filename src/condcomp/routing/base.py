@@ -30,12 +30,15 @@ class RouterTokens:
     order:  [n] int64, token indices position by position across the batch (all position-0 tokens,
             then position 1, ...): a priority in which no token depends on a later position.
     shape:  the input's leading shape, (batch, seq) or (n,).
+    all_real: True when no padding mask was given (every token is real): known without reading
+            ``real``, so a router can pick fixed-size outputs with no host-device synchronisation.
     """
 
     hidden: torch.Tensor
     real: torch.Tensor
     order: torch.Tensor
     shape: tuple[int, ...]
+    all_real: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -95,4 +98,5 @@ class Router(nn.Module):
                 h = h * torch.empty_like(h).uniform_(1 - self.jitter, 1 + self.jitter)
             logits = self.scores(h)
             check_finite(logits)
-            return self.select(logits, RouterTokens(hidden=h, real=real, order=order, shape=tuple(x.shape[:-1])))
+            return self.select(logits, RouterTokens(hidden=h, real=real, order=order, shape=tuple(x.shape[:-1]),
+                                                    all_real=padding_mask is None))

@@ -90,28 +90,38 @@ class ExpertChoiceRouter(Router):
         real = tokens.real
         n = logits.shape[0]
         probs = logits.softmax(dim=-1)
-        scores = probs.masked_fill(~real[:, None], float("-inf"))
+        scores = probs if tokens.all_real else probs.masked_fill(~real[:, None], float("-inf"))
 
+        fixed = tokens.all_real  # every pick is a real token: fixed-size routing, nothing to filter
         if self.mode == "global":
-            vals, idx = _top_tokens(scores.t(), self.capacity(int(real.sum())))  # [e, c]
+            vals, idx = _top_tokens(scores.t(), self.capacity(n if tokens.all_real else int(real.sum())))  # [e, c]
         elif len(tokens.shape) != 2:
             raise RoutingError(f"{self.mode} expert choice needs input [batch, seq, d] to know the sequences")
         elif self.mode == "per_sequence":
             vals, idx = self._per_sequence(scores, *tokens.shape)
         elif self.training:
-            vals, idx = self._per_position(scores, *tokens.shape)
+            vals, idx = self._per_position(scores, *tokens.shape, all_real=tokens.all_real)
         else:
             vals, idx = self._thresholded(scores)
-        keep = torch.isfinite(vals)  # drops padding (and below-threshold slots)
-        token_index = idx[keep]
-        combine = vals[keep]
-        group_sizes = keep.sum(1)
+            fixed = False  # how many pass a threshold is known only from the scores
+        if fixed:
+            # No padding and no threshold: every slot holds a real token. Keeping them all (no boolean
+            # mask) gives shapes known in advance, so nothing waits for the device.
+            token_index, combine = idx.reshape(-1), vals.reshape(-1)
+            group_sizes = torch.full((self.num_experts,), idx.shape[1], dtype=torch.int64, device=logits.device)
+        else:
+            keep = torch.isfinite(vals)  # drops padding (and below-threshold slots)
+            token_index = idx[keep]
+            combine = vals[keep]
+            group_sizes = keep.sum(1)
 
-        served = torch.zeros(n, dtype=torch.bool, device=logits.device)
-        served[token_index] = True
+        # index_fill_ with a Python scalar, not ``served[token_index] = True``: the latter copies the
+        # value from the host and makes a CUDA stream wait.
+        served = torch.zeros(n, dtype=torch.bool, device=logits.device).index_fill_(0, token_index, True)
         routing = Routing(token_index=token_index, group_sizes=group_sizes, combine_weights=combine, num_tokens=n,
                           dropped=torch.zeros(n, dtype=torch.bool, device=logits.device),
-                          aux_losses={"z_loss": router_z_loss(logits, real)})
+                          aux_losses={"z_loss": router_z_loss(logits, real)},
+                          group_size=idx.shape[1] if fixed else None)
         routing.metrics = routing_metrics(probs, token_index, group_sizes, real, routing.dropped)
         routing.metrics["fraction_unserved"] = (real & ~served).sum() / real.sum().clamp(min=1)
         return routing
@@ -125,8 +135,10 @@ class ExpertChoiceRouter(Router):
         tok = which_t + (torch.arange(b, device=scores.device) * t)[:, None, None]
         return vals.transpose(0, 1).reshape(e, b * c), tok.transpose(0, 1).reshape(e, b * c)
 
-    def _per_position(self, scores: torch.Tensor, b: int, t: int):
-        """Top-c among the batch at each position. scores [b*t, e] -> vals, idx: [e, t*c]."""
+    def _per_position(self, scores: torch.Tensor, b: int, t: int, *, all_real: bool = False):
+        """Top-c among the batch at each position. scores [b*t, e] -> vals, idx: [e, t*c]. Also moves
+        the inference thresholds toward this batch's capacity boundaries (without reading anything
+        back to the host when ``all_real``)."""
         e = self.num_experts
         c = self.capacity(b)
         per_pos = scores.view(b, t, e).permute(1, 2, 0)  # [t, e, b]
@@ -135,13 +147,13 @@ class ExpertChoiceRouter(Router):
         with torch.no_grad():
             boundary = vals[..., -1]  # [t, e], score of the c-th pick
             ok = torch.isfinite(boundary)
-            if ok.any():
+            if all_real or ok.any():
                 mean_boundary = torch.where(ok, boundary, 0).sum(0) / ok.sum(0).clamp(min=1)
-                if not bool(self.thresholds_seen):
-                    self.thresholds.copy_(mean_boundary)
-                    self.thresholds_seen.fill_(True)
-                else:
-                    self.thresholds.mul_(self.momentum).add_((1 - self.momentum) * mean_boundary)
+                # The first batch sets the thresholds, later ones move them (a select, not a branch
+                # on the flag, so the device is not asked for it).
+                ema = self.thresholds * self.momentum + (1 - self.momentum) * mean_boundary
+                self.thresholds.copy_(torch.where(self.thresholds_seen, ema, mean_boundary))
+                self.thresholds_seen.fill_(True)
         return vals.permute(1, 0, 2).reshape(e, -1), tok.permute(1, 0, 2).reshape(e, -1)
 
     def _thresholded(self, scores: torch.Tensor):

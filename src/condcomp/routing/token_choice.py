@@ -10,7 +10,7 @@ from torch import nn
 from condcomp.routing.base import Router, RouterTokens
 from condcomp.routing.losses import load_balance_loss, router_z_loss
 from condcomp.routing.metrics import routing_metrics
-from condcomp.routing.types import Routing, RoutingError
+from condcomp.routing.types import Routing, RoutingError, count_per_value
 
 PRIORITIES = ("position_major", "rank_major")
 
@@ -92,17 +92,20 @@ class TopKRouter(Router):
             cap = self.capacity(n)
         expert_key = torch.where(real[token_flat], expert_flat, e)  # padding sorts into a discarded bucket
         sorted_key, perm = torch.sort(expert_key, stable=True)
-        counts = torch.bincount(sorted_key, minlength=e + 1)[:e]
+        counts = count_per_value(sorted_key, e + 1)[:e]
         starts = torch.cumsum(counts, 0) - counts
         valid = sorted_key < e
         slot = torch.arange(k * n, device=logits.device) - starts[sorted_key.clamp(max=e - 1)]
         keep = valid if cap is None else valid & (slot < cap)
-        token_index = token_flat[perm][keep]
-        combine = gate_flat[perm][keep]
+        if cap is None and tokens.all_real:  # dropless, no padding: every assignment is kept
+            token_index, combine = token_flat[perm], gate_flat[perm]  # (no boolean mask: nothing read back)
+        else:
+            token_index, combine = token_flat[perm][keep], gate_flat[perm][keep]
         group_sizes = counts if cap is None else counts.clamp(max=cap)
 
-        served = torch.zeros(n, dtype=torch.bool, device=logits.device)
-        served[token_index] = True
+        # index_fill_ with a Python scalar, not ``served[token_index] = True``: the latter copies the
+        # value from the host and makes a CUDA stream wait.
+        served = torch.zeros(n, dtype=torch.bool, device=logits.device).index_fill_(0, token_index, True)
         dropped = real & ~served
         routing = Routing(
             token_index=token_index, group_sizes=group_sizes, combine_weights=combine, num_tokens=n,

@@ -113,18 +113,36 @@ class TokenSelectRouter(Router):
         if decide is not None:
             agree = ((decide == top) & real).sum() / real.sum().clamp(min=1)
             metrics["predictor_accuracy"] = agree.detach()
-        selected = top if (self.training or decide is None) else decide & real
         if self.weighting == "soft_top_k":
             w = soft_top_k(s, k.clamp(min=1).to(s.dtype), eps=self.eps, mask=real)
         else:
             w = torch.sigmoid(s)
-        flat_sel = selected.reshape(-1)
-        token_index = flat_sel.nonzero().squeeze(1)  # ascending: row-major, positions in order
-        metrics["fraction_selected"] = (flat_sel.sum() / real_flat.sum().clamp(min=1)).detach()
-        metrics["mean_weight"] = (w.reshape(-1)[token_index].mean() if token_index.numel() else w.new_zeros(())).detach()
-        return Routing(token_index=token_index, group_sizes=token_index.new_tensor([token_index.numel()]),
-                       combine_weights=w.reshape(-1).index_select(0, token_index), num_tokens=b * t,
-                       dropped=torch.zeros(b * t, dtype=torch.bool, device=logits.device), aux_losses=aux, metrics=metrics)
+        w_flat = w.reshape(-1)
+        per_sequence = None
+        if tokens.all_real and (self.training or decide is None):
+            # Every sequence selects the same number of tokens: take them as the top-k indices, sorted
+            # (fixed size, so nothing is read back from the device; the same set ``top`` marks).
+            per_sequence = self._tokens_per_full_sequence(t)
+            picked = s.detach().sort(dim=-1, descending=True, stable=True).indices[:, :per_sequence]
+            rows = torch.arange(b, device=s.device)[:, None] * t
+            token_index = (picked.sort(dim=-1).values + rows).reshape(-1)
+            fraction = torch.full((), per_sequence / t, device=s.device)
+        else:
+            selected = top if (self.training or decide is None) else decide & real
+            flat_sel = selected.reshape(-1)
+            token_index = flat_sel.nonzero().squeeze(1)  # ascending: row-major, positions in order
+            fraction = flat_sel.sum() / real_flat.sum().clamp(min=1)
+        metrics["fraction_selected"] = fraction.detach()
+        metrics["mean_weight"] = (w_flat[token_index].mean() if token_index.numel() else w.new_zeros(())).detach()
+        return Routing(token_index=token_index,
+                       group_sizes=torch.full((1,), token_index.numel(), dtype=torch.int64, device=s.device),
+                       combine_weights=w_flat.index_select(0, token_index), num_tokens=b * t,
+                       dropped=torch.zeros(b * t, dtype=torch.bool, device=logits.device), aux_losses=aux,
+                       metrics=metrics, tokens_per_sequence=per_sequence)
+
+    def _tokens_per_full_sequence(self, t: int) -> int:
+        """``tokens_per_sequence`` of a sequence of t real tokens, computed on the host."""
+        return int(self.tokens_per_sequence(torch.tensor([t]))[0])
 
 
 def _masked_bce(logits: torch.Tensor, target: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

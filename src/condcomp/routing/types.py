@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from condcomp.device import can_read_back
+
 
 @dataclass
 class Routing:
@@ -22,6 +24,11 @@ class Routing:
     dropped:         [n] bool, real tokens that chose groups but got none (capacity overflow).
     aux_losses:      name -> scalar tensor (load_balance, z_loss, ...), padded tokens excluded.
     metrics:         name -> detached tensor (tokens_per_expert, fraction_dropped, ...).
+    group_size:      set when every group has exactly this many assignments (expert choice without
+                     padding): dispatch can then run all groups as one batched matmul.
+    tokens_per_sequence: set by a one-group sequence router when every sequence selected exactly this
+                     many tokens (ascending ``token_index``): sequence dispatch then packs them by a
+                     reshape, without reading counts back from the device.
     """
 
     token_index: torch.Tensor
@@ -31,6 +38,8 @@ class Routing:
     dropped: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    group_size: int | None = None
+    tokens_per_sequence: int | None = None
 
     @property
     def num_groups(self) -> int:
@@ -74,7 +83,13 @@ def flatten_tokens(x: torch.Tensor, padding_mask: torch.Tensor | None, d_model: 
 
 def check_finite(scores: torch.Tensor) -> None:
     """Raise if router scores are NaN/inf. Checking the scores (not the [n, d] input) is d/e times
-    cheaper, and any NaN or inf in the input reaches them."""
+    cheaper, and any NaN or inf in the input reaches them.
+
+    Only where reading back is free (``can_read_back``: CPU): on an accelerator the check would stall
+    the forward pass; a NaN there reaches the loss, which the trainer checks once per step (the same
+    clean stop)."""
+    if not can_read_back(scores):
+        return
     if not torch.isfinite(scores).all():
         raise RoutingError("router input contains NaN or inf; check the layers before it (or lower the learning rate)")
 
@@ -82,3 +97,11 @@ def check_finite(scores: torch.Tensor) -> None:
 def router_dtype(x: torch.Tensor) -> torch.dtype:
     """Routing runs in at least fp32 (bf16 top-k ties and softmax are too coarse), float64 kept."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def count_per_value(values: torch.Tensor, bins: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[bins] int64: how many entries of ``values`` (int64, each in [0, bins)) equal each value, each
+    counted ``weights`` times (int or bool, default 1). ``torch.bincount`` without its read-back of
+    the maximum to the host (a synchronisation on CUDA)."""
+    ones = torch.ones_like(values) if weights is None else weights.to(torch.int64)
+    return torch.zeros(bins, dtype=torch.int64, device=values.device).scatter_add_(0, values, ones)

@@ -68,14 +68,16 @@ class Tokenized:
 
 @torch.no_grad()
 def evaluate_accuracy(model: CodaClassifier, data: Tokenized, *, batch_size: int = 32, precision: str = "fp32") -> float:
-    """Accuracy in [0, 1]; examples batched by length so little padding is computed."""
+    """Accuracy in [0, 1]; examples batched by length so little padding is computed. Runs on the
+    model's device."""
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
     correct = 0
     for start in range(0, len(order), batch_size):
-        ids, mask, labels = data.batch(order[start:start + batch_size])
-        with autocast(precision):
+        ids, mask, labels = (t.to(device) for t in data.batch(order[start:start + batch_size]))
+        with autocast(precision, device.type):
             logits = model(ids, mask)
         correct += int((logits.argmax(-1) == labels).sum())
     model.train(was_training)
@@ -92,7 +94,9 @@ def _lr_factor(step: int, cfg: ClassifyConfig) -> float:
 def train_classifier(model: CodaClassifier, train: Tokenized, val: Tokenized, cfg: ClassifyConfig, out: str | Path,
                      *, tokenizer=None, resume: bool = True, progress: bool = True) -> dict:
     """Train for cfg.steps steps (resuming from the newest checkpoint in ``out`` if there is one),
-    save the inference model to ``out`` and return the result (also written to out/result.json)."""
+    save the inference model to ``out`` and return the result (also written to out/result.json).
+    Trains on the model's device (move it there first)."""
+    device = next(model.parameters()).device
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     opt = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -115,11 +119,11 @@ def train_classifier(model: CodaClassifier, train: Tokenized, val: Tokenized, cf
     while step < total:
         distilling = step < cfg.distill_steps
         rows = torch.randint(len(train), (cfg.batch_size,), generator=generator).tolist()
-        ids, mask, labels = train.batch(rows)
+        ids, mask, labels = (t.to(device) for t in train.batch(rows))
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg)
         started = time.perf_counter()
-        with autocast(cfg.precision):
+        with autocast(cfg.precision, device.type):
             if distilling:
                 loss, metrics = model.distillation_loss(ids, mask), {}
             else:

@@ -7,10 +7,12 @@ import math
 
 import torch
 
+from condcomp.device import resolve_precision
+
 
 def autocast(precision: str, device_type: str = "cpu"):
-    """bf16 autocast for precision "bf16", nothing for "fp32"."""
-    if precision == "bf16":
+    """bf16 autocast for precision "bf16", nothing for "fp32"; "auto" is bf16 on CUDA, fp32 elsewhere."""
+    if resolve_precision(precision, device_type) == "bf16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -182,7 +182,7 @@ class Trainer:
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        self.rt = init_distributed(expert_parallel=tc.expert_parallel)
+        self.rt = init_distributed(expert_parallel=tc.expert_parallel, device=tc.device)
         if tc.batch_size % self.rt.world_size:
             raise TrainingError(f"train.batch_size={tc.batch_size} is the batch over all ranks and must divide "
                                 f"evenly among the {self.rt.world_size} ranks; use a multiple of {self.rt.world_size}")
