@@ -289,12 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=_techniques)
 
-    from condcomp import cli_bam, cli_coda, cli_dit, cli_prune
+    from condcomp import cli_bam, cli_coda, cli_dit, cli_prune, cli_retrieval
 
     cli_coda.add_parser(sub)
     cli_bam.add_parser(sub)
     cli_dit.add_parser(sub)
     cli_prune.add_parser(sub)
+    cli_retrieval.add_parser(sub)
     return p
 
 

@@ -10,9 +10,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from condcomp.device import DeviceError
     from condcomp.distributed import DistributedError
     from condcomp.registry import RegistryError
+    from condcomp.retrieval.errors import RetrievalError
     from condcomp.routing import RoutingError
     from condcomp.settings import ConfigError
     from condcomp.train import CheckpointError, TrainingError
 
     return (ConfigError, DataError, CheckpointError, TrainingError, ConvertError, PretrainedError, DistributedError,
-            RegistryError, RoutingError, DeviceError)
+            RegistryError, RoutingError, DeviceError, RetrievalError)
