@@ -1,151 +1,173 @@
-"""MoE layer speed and activation memory against the ideal: the bare expert GEMMs.
+"""MoE layer forward+backward against the physical limit and against the peers, on CPU.
 
-For each router the "ideal" runs the same experts on contiguous, pre-grouped slices with exactly the
-loads that router produced (no routing, no gather, no scatter, no combine). Every row is a ratio to
-the ideal of its own loads, measured in the same run. Peers (HF transformers' Mixtral sparse block,
-st-moe-pytorch) are included when installed (`pip install -e ".[peers]"`).
+The limit is the rate of one plain GEMM (2048³, this dtype) measured in the same run. Each MoE row
+reports its expert FLOPs per second (forward + backward of the expert GEMMs only: 3 x 2 x assignments
+x the expert's weights) and that rate as a fraction of the plain GEMM's. Besides condcomp's layer,
+each router's group shows what the same expert GEMMs cost on exactly its loads, with no routing,
+gather or scatter:
+- "old ideal": a loop of ``x[s:e] @ w[g]`` over slices, indexing the weight bank per expert (its
+  backward zero-fills a whole-bank gradient per expert);
+- "split/unbind loop": ``x.split(sizes)`` with ``w.unbind(0)``;
+- "grouped_mm": ``torch.nn.functional.grouped_mm`` (one call per weight).
+Peers run top-2 dropless SwiGLU on the same weights and the same loads: HF transformers' Mixtral
+sparse block with each expert backend that runs on CPU (``batched_mm`` materialises per-token
+weights and is skipped), and st-moe-pytorch where installed (its own routing and capacity). All rows
+of a group are timed alternately, round by round, in one run (medians).
 
-Memory column: bytes of tensors autograd saves for the backward pass (unique storages, via
-saved_tensors_hooks) plus the output — the activation memory of forward+backward, which is what
-routing overhead adds to; parameters and their gradients are the same for every row.
-
-    .venv/bin/python benchmarks/moe.py [--tokens 4096 --d-model 512 --d-ff 2048 --experts 8]
+    .venv/bin/python -u benchmarks/moe.py [--tokens 4096 --d-model 512 --d-ff 1024 --experts 8 --rounds 9]
 """
 
 from __future__ import annotations
 
 import argparse
-import torch
 
-from condcomp.bench import parameter_storages, prepare, timed_pair
-from condcomp.layers import FeedForward
+import torch
+import torch.nn.functional as F
+
+from condcomp.bench.measure import timed_alternating
+from condcomp.layers.experts import _activate
 from condcomp.layers.moe import MoE
 from condcomp.routing import ExpertChoiceRouter, TopKRouter
+from condcomp.train.optim import autocast
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-MODULES: list[torch.nn.Module] = []  # every layer benchmarked, so parameter storages can be excluded
+def plain_rate(dtype: torch.dtype, n: int, rounds: int) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / timed_alternating({"gemm": lambda: a @ b}, rounds, warmup=1)["gemm"]
 
 
-def ideal_fn(experts, x_sorted: torch.Tensor, sizes: list[int]):
+def expert_flops(assignments: int, d: int, dff: int) -> float:
+    """Forward+backward FLOPs of SwiGLU expert GEMMs (up: d x 2 d_ff, down: d_ff x d)."""
+    return 3 * 2 * assignments * (d * 2 * dff + dff * d)
+
+
+def step_fn(forward, x: torch.Tensor, precision: str):
+    """forward(x) then backward of a fixed random gradient, under the trainer's autocast."""
+    xg = x.detach().requires_grad_(True)
+    with autocast(precision):
+        grad = torch.randn_like(forward(xg))
+
     def run():
-        outs = [experts(g, chunk) for g, chunk in enumerate(x_sorted.split(sizes)) if chunk.shape[0]]
-        return torch.cat(outs)
-
+        with autocast(precision):
+            y = forward(xg)
+        y.backward(grad)
     return run
 
 
-def prepare_row(make_forward, x, dtype):
-    """(forward-only callable, forward+backward callable, activation bytes) for y = make_forward()(x)."""
-    p = prepare(make_forward(), x, dtype, parameter_storages(MODULES))
-    return p.forward, p.both, p.act_bytes
+def ideals(moe: MoE, xs: torch.Tensor, sizes: list[int], precision: str) -> dict:
+    """The same expert GEMMs on pre-grouped rows, three ways (module docstring)."""
+    up, down, act = moe.experts.up, moe.experts.down, moe.experts.activation
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    offsets = torch.tensor(sizes).cumsum(0).to(torch.int32)
+
+    def old(x):
+        return torch.cat([_activate(x[s:s + n] @ up[g], act) @ down[g] for g, (s, n) in enumerate(zip(starts, sizes))
+                          if n])
+
+    def split(x):
+        ups, downs = up.unbind(0), down.unbind(0)
+        return torch.cat([_activate(c @ ups[g], act) @ downs[g] for g, c in enumerate(x.split(sizes)) if c.shape[0]])
+
+    def grouped(x):
+        dtype = torch.bfloat16 if precision == "bf16" else x.dtype
+        with torch.autocast("cpu", enabled=False):
+            h = _activate(_grouped_mm(x.to(dtype), up.to(dtype), offs=offsets), act)
+            return _grouped_mm(h, down.to(dtype), offs=offsets)
+
+    rows = {"old ideal (slices of the bank)": step_fn(old, xs, precision),
+            "split/unbind loop": step_fn(split, xs, precision)}
+    if _grouped_mm is not None:
+        rows["grouped_mm"] = step_fn(grouped, xs, precision)
+    return rows
+
+
+def hf_peers(moe: MoE, x: torch.Tensor, precision: str) -> dict:
+    """HF Mixtral blocks holding moe's weights (so the same routing and loads), one per CPU backend."""
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        print("(transformers not installed: no HF rows)")
+        return {}
+    e, d, dff = moe.experts.num_experts, moe.experts.d_model, moe.experts.d_ff
+    rows = {}
+    for backend in ("eager", "grouped_mm"):
+        cfg = MixtralConfig(hidden_size=d, intermediate_size=dff, num_local_experts=e, num_experts_per_tok=2,
+                            experts_implementation=backend)
+        hf = MixtralSparseMoeBlock(cfg)
+        with torch.no_grad():  # created uninitialised outside from_pretrained: copy ours in
+            hf.gate.weight.copy_(moe.router.gate.weight)
+            hf.experts.gate_up_proj.copy_(moe.experts.up.transpose(1, 2))
+            hf.experts.down_proj.copy_(moe.experts.down.transpose(1, 2))
+        rows[f"HF Mixtral {backend}"] = step_fn(lambda t, m=hf: m(t), x, precision)
+    return rows
+
+
+def st_moe_peer(d: int, dff: int, e: int, x: torch.Tensor, precision: str) -> dict:
+    try:
+        from st_moe_pytorch import MoE as STMoE
+    except ImportError:
+        print("(st-moe-pytorch not installed: no row; pip install -e '.[peers]')")
+        return {}
+    st = STMoE(dim=d, num_experts=e, expert_hidden_mult=max(1, dff // d), gating_top_n=2, capacity_factor_train=1.25,
+               threshold_train=0.0)
+    return {"st-moe-pytorch top-2 (its routing, CF 1.25)": step_fn(lambda t: st(t)[0], x, precision)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--d-ff", type=int, default=2048)
+    p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=15, help="alternating timing rounds per row")
+    p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--groups", default="top-1,top-2,ec,fine,peers")
     args = p.parse_args()
     torch.manual_seed(0)
     d, dff, e, n = args.d_model, args.d_ff, args.experts, args.tokens
-    batch = 8
-    x = torch.randn(batch, n // batch, d)
-
-    routers = {
-        "top-1 (CF 1.25)": lambda: TopKRouter(d_model=d, num_experts=e, k=1, capacity_factor=1.25),
-        "top-2 (CF 1.25)": lambda: TopKRouter(d_model=d, num_experts=e, k=2, capacity_factor=1.25),
-        "EC-CF2 per-position": lambda: ExpertChoiceRouter(d_model=d, num_experts=e, capacity_factor=2.0,
-                                                          mode="per_position"),
+    x = torch.randn(8, n // 8, d)
+    configs = {
+        "top-1": ("top-1 CF 1.25", dff, e, lambda: TopKRouter(d_model=d, num_experts=e, k=1, capacity_factor=1.25)),
+        "top-2": ("top-2 CF 1.25", dff, e, lambda: TopKRouter(d_model=d, num_experts=e, k=2, capacity_factor=1.25)),
+        "ec": ("expert choice CF 2 per-position", dff, e,
+               lambda: ExpertChoiceRouter(d_model=d, num_experts=e, capacity_factor=2.0, mode="per_position")),
+        "fine": ("top-8 of 64 dropless (d_ff 256)", 256, 64,
+                 lambda: TopKRouter(d_model=d, num_experts=64, k=8, capacity_factor=None)),
+        "peers": ("top-2 dropless, peers", dff, e, lambda: TopKRouter(d_model=d, num_experts=e, k=2,
+                                                                        capacity_factor=None)),
     }
-    rows = []  # (name, make_forward, ideal_name)
-    for name, make_router in routers.items():
-        moe = MoE(d_model=d, d_ff=dff, num_experts=e, router=make_router(), activation="gelu")
-        MODULES.append(moe)
-        with torch.no_grad():
-            routing = moe.router(x)
-        sizes = routing.group_sizes.tolist()
-        # The ideal differentiates w.r.t. its input too, as the real layer must.
-        x_sorted = x.reshape(-1, d).index_select(0, routing.token_index).contiguous().requires_grad_(True)
-        rows.append((f"ideal {name}", lambda m=moe, xs=x_sorted, s=sizes: (lambda _x: ideal_fn(m.experts, xs, s)()),
-                     None, sum(sizes)))
-        rows.append((f"condcomp {name}", lambda m=moe: (lambda _x: m(_x)[0]), f"ideal {name}", sum(sizes)))
-    dense = FeedForward(d_model=d, d_ff=dff, activation="gelu")
-    MODULES.append(dense)
-    rows.append(("dense FFN (1 expert's width)", lambda: (lambda _x: dense(_x)[0]), None, n))
-
-    try:
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-        cfg = MixtralConfig(hidden_size=d, intermediate_size=dff, num_local_experts=e, num_experts_per_tok=2)
-        hf = MixtralSparseMoeBlock(cfg)
-        MODULES.append(hf)
-        with torch.no_grad():
-            _, _, top_i = hf.gate(x.reshape(-1, d))
-        hf_sizes = torch.bincount(top_i.reshape(-1), minlength=e).tolist()
-        # The ideal for HF's loads uses condcomp experts of the same shape (SwiGLU, as Mixtral's).
-        from condcomp.layers.experts import Experts
-
-        hf_ideal = Experts(num_experts=e, d_model=d, d_ff=dff, activation="swiglu")
-        MODULES.append(hf_ideal)
-        xs_hf = torch.randn(sum(hf_sizes), d, requires_grad=True)
-        rows.append(("ideal HF Mixtral loads (SwiGLU)", lambda: (lambda _x: ideal_fn(hf_ideal, xs_hf, hf_sizes)()),
-                     None, sum(hf_sizes)))
-        rows.append(("HF transformers Mixtral top-2", lambda: hf, "ideal HF Mixtral loads (SwiGLU)", sum(hf_sizes)))
-        swiglu_moe = MoE(d_model=d, d_ff=dff, num_experts=e, activation="swiglu",
-                         router=TopKRouter(d_model=d, num_experts=e, k=2, capacity_factor=None))
-        MODULES.append(swiglu_moe)
-        with torch.no_grad():
-            r = swiglu_moe.router(x)
-        s2 = r.group_sizes.tolist()
-        xs2 = x.reshape(-1, d).index_select(0, r.token_index).contiguous().requires_grad_(True)
-        rows.append(("ideal top-2 dropless (SwiGLU)",
-                     lambda m=swiglu_moe, xs=xs2, s=s2: (lambda _x: ideal_fn(m.experts, xs, s)()), None, sum(s2)))
-        rows.append(("condcomp top-2 dropless (SwiGLU)", lambda m=swiglu_moe: (lambda _x: m(_x)[0]),
-                     "ideal top-2 dropless (SwiGLU)", sum(s2)))
-    except ImportError:
-        print("(transformers not installed: HF Mixtral row skipped)")
-
-    try:
-        from st_moe_pytorch import MoE as STMoE
-
-        st = STMoE(dim=d, num_experts=e, expert_hidden_mult=dff // d, gating_top_n=2, capacity_factor_train=1.25,
-                   threshold_train=0.0)
-        # st-moe's experts are GELU FFNs of the same shape; its loads are capped at capacity,
-        # so the ideal of condcomp top-2 CF1.25 (similar loads) is its fair reference.
-        MODULES.append(st)
-        # Its per-expert loads are internal, so it is compared with condcomp's top-2 CF 1.25 instead.
-        rows.append(("st-moe-pytorch top-2 (CF 1.25)", lambda: (lambda _x: st(_x)[0]), "condcomp top-2 (CF 1.25)", None))
-    except ImportError:
-        print("(st-moe-pytorch not installed: row skipped; pip install -e '.[peers]')")
-
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n} tokens, d_model {d}, d_ff {dff}, "
-          f"{e} experts, GELU experts unless noted\n")
-    for dtype in args.dtypes.split(","):
-        header = (f"{dtype:>4} {'':36} {'assign':>6} {'fwd ms':>8} {'x ideal':>8} {'fwd+bwd ms':>10} {'x ideal':>8} "
-                  f"{'act MiB':>8} {'x ideal':>8}")
-        print(header)
-        print("-" * len(header))
-        prepared = {name: prepare_row(make, x, dtype) for name, make, _, _ in rows}
-        for name, _, ideal_name, assigned in rows:
-            f_only, f_both, mem = prepared[name]
-            if ideal_name:
-                r_only, r_both, r_mem = prepared[ideal_name]
-                f, i_f = timed_pair(f_only, r_only, args.rounds)
-                fb, i_fb = timed_pair(f_both, r_both, args.rounds)
-                ratios = (f"{f / i_f:>7.2f}x", f"{fb / i_fb:>7.2f}x", f"{mem / r_mem:>7.2f}x")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n} tokens, d_model {d}, SwiGLU experts "
+          f"(d_ff {dff}, {e} experts unless noted); forward+backward")
+    for precision in args.dtypes.split(","):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        plain = plain_rate(dtype, 2048, max(3, args.rounds // 2))
+        print(f"\n{precision}: plain 2048³ GEMM {plain / 1e9:.0f} GFLOP/s")
+        head = f"{'group':34} {'row':44} {'ms':>8} {'GFLOP/s':>8} {'x plain':>8}"
+        print(head + "\n" + "-" * len(head))
+        for key in args.groups.split(","):
+            name, width, experts, make_router = configs[key]
+            torch.manual_seed(0)
+            moe = MoE(d_model=d, d_ff=width, num_experts=experts, router=make_router(), activation="swiglu")
+            with torch.no_grad():
+                routing = moe.router(x)
+            sizes = routing.group_sizes.tolist()
+            xs = x.reshape(-1, d).index_select(0, routing.token_index).contiguous()
+            fns = {"condcomp MoE layer": step_fn(lambda t, m=moe: m(t)[0], x, precision)}
+            if key == "peers":
+                fns.update(hf_peers(moe, x, precision))
+                fns.update(st_moe_peer(d, width, experts, x, precision))
             else:
-                f, _ = timed_pair(f_only, f_only, max(3, args.rounds // 3))
-                fb, _ = timed_pair(f_both, f_both, max(3, args.rounds // 3))
-                ratios = ("", "", "")
-            print(f"{'':4} {name:36} {assigned or '':>6} {f * 1e3:>8.1f} {ratios[0]:>8} {fb * 1e3:>10.1f} "
-                  f"{ratios[1]:>8} {mem / 2**20:>8.1f} {ratios[2]:>8}")
-        print()
-    print("ratios: the row / the ideal of its own expert loads, timed alternately in the same run "
-          "(st-moe-pytorch: / condcomp top-2 CF 1.25)")
+                fns.update(ideals(moe, xs, sizes, precision))
+            times = timed_alternating(fns, args.rounds, warmup=1)
+            flops = expert_flops(sum(sizes), d, width)
+            for row, t in times.items():
+                rate = "" if row.startswith("st-moe") else f"{flops / t / 1e9:>8.0f} {flops / t / plain:>7.0%}"
+                print(f"{name:34} {row:44} {t * 1e3:>8.1f} {rate}", flush=True)
+    print("\nGFLOP/s: expert GEMM FLOPs (forward + backward) per second; x plain: that over the plain GEMM rate. "
+          "st-moe routes by itself (its loads differ): its time only.")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from condcomp.layers.traits import (aux_loss_names, calibrate_added_parameters, 
 from condcomp.models import Transformer
 from condcomp.routing import RoutingError
 from condcomp.train import checkpoint as ckpt
+from condcomp.train.allocator import release_free_memory, tune_allocator
 from condcomp.train.metrics_log import MetricsLog
 from condcomp.train.optim import autocast, build_optimizer, warmup_cosine
 from condcomp.train.pretrained_init import load_init_weights, load_model, load_run_corpus  # noqa: F401 (load_model: re-exported)
@@ -182,6 +183,7 @@ class Trainer:
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
+        tune_allocator()  # before the model exists: its activations vary in shape from step to step
         self.rt = init_distributed(expert_parallel=tc.expert_parallel, device=tc.device)
         if tc.batch_size % self.rt.world_size:
             raise TrainingError(f"train.batch_size={tc.batch_size} is the batch over all ranks and must divide "
@@ -464,6 +466,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         mean_loss = self.rt.all_reduce(loss.item(), "mean")  # the loss of the whole batch
+        release_free_memory()  # the step's freed activations go back to the system, not into heap holes
         record = {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0]}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
