@@ -67,7 +67,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--k-train", type=int, default=64)
+    p.add_argument("--k-train", type=int, default=256)
     p.add_argument("--k-prime", type=int, default=100)
     p.add_argument("--sweep", default="10,40,160,640")
     p.add_argument("--doc-max-length", type=int, default=128)

@@ -148,7 +148,7 @@ def add_parser(sub) -> None:
     t.add_argument("--steps", type=number(int, minimum=1, maximum=10**7), default=100, help="training steps")
     t.add_argument("--batch-size", type=number(int, minimum=2, maximum=4096), default=16, help="pairs per step")
     t.add_argument("--lr", type=number(float, minimum=0.0, strictly=True), default=5e-5, help="peak learning rate")
-    t.add_argument("--k-train", type=number(int, minimum=1), default=64,
+    t.add_argument("--k-train", type=number(int, minimum=1), default=256,
                    help="XTR: document tokens each query token keeps over the batch")
     t.add_argument("--doc-max-length", type=number(int, minimum=4, maximum=512), default=128, help="document tokens kept")
     t.add_argument("--seed", type=number(int, minimum=0), default=0, help="seeds the batches")

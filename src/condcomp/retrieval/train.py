@@ -31,7 +31,7 @@ class RetrievalTrainConfig(Settings):
     batch_size: int = setting(16, ge=2, help="pairs per step (each query's negatives: the other documents)")
     lr: float = setting(5e-5, gt=0.0)
     warmup: float = setting(0.1, ge=0.0, lt=1.0, help="a fraction of steps")
-    k_train: int = setting(64, ge=1, help="XTR: document tokens each query token keeps over the whole batch")
+    k_train: int = setting(256, ge=1, help="XTR: document tokens each query token keeps over the whole batch")
     temperature: float = setting(0.05, gt=0.0, help="scores are divided by this before the softmax")
     query_max_length: int = setting(32, ge=4)
     doc_max_length: int = setting(128, ge=4)
