@@ -1,5 +1,5 @@
 """Resident memory of the training process over steps: dense vs routed variants, with glibc's default
-malloc behaviour and with condcomp's allocator settings (``condcomp.train.allocator``).
+malloc behaviour and with ``train.low_memory`` (``condcomp.train.allocator``).
 
 Each (variant, allocator) runs in its own fresh process: the full grid's model (configs/grids/full.yaml:
 d_model 192, 4 layers, 256 tokens, batch 16, bf16) on the built-in corpus for ``--steps`` steps,
@@ -39,12 +39,13 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(variant: str, steps: int) -> None:
+def child(variant: str, steps: int, low_memory: bool) -> None:
     from condcomp.config import load_config
     from condcomp.train import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(None, BASE + VARIANTS[variant] + [f"train.steps={steps}", f"run_dir={tmp}/run"])
+        cfg = load_config(None, BASE + VARIANTS[variant] + [f"train.steps={steps}", f"run_dir={tmp}/run",
+                                                            f"train.low_memory={str(low_memory).lower()}"])
         trainer = Trainer(cfg)
         trace, times = [], []
         for _ in range(steps):
@@ -60,27 +61,26 @@ def child(variant: str, steps: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--child", nargs=2, metavar=("VARIANT", "STEPS"))
+    p.add_argument("--child", nargs=3, metavar=("VARIANT", "STEPS", "LOW_MEMORY"))
     args = p.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]))
+        child(args.child[0], int(args.child[1]), args.child[2] == "low_memory")
         return
     rows = {}
-    for mode in ("default", "tuned"):
+    for mode in ("default", "low_memory"):
         for variant in VARIANTS:
-            env = {**os.environ, "CONDCOMP_MALLOC": mode}
-            out = subprocess.run([sys.executable, __file__, "--child", variant, str(args.steps)], env=env,
+            out = subprocess.run([sys.executable, __file__, "--child", variant, str(args.steps), mode],
                                  capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             rows[(mode, variant)] = json.loads(out)
             print(f"done {mode} {variant}", file=sys.stderr, flush=True)
     marks = [m for m in (1, 10, 30, args.steps) if m <= args.steps]
-    head = (f"{'allocator':9} {'variant':14} {'peak MiB':>9} {'x dense':>8} " +
+    head = (f"{'allocator':10} {'variant':14} {'peak MiB':>9} {'x dense':>8} " +
             " ".join(f"{'@' + str(m):>7}" for m in marks) + f" {'ms/step':>8}")
     print(head + "\n" + "-" * len(head))
     for (mode, variant), r in rows.items():
         peak, dense_peak = max(r["rss"]), max(rows[(mode, "dense")]["rss"])
         at = " ".join(f"{r['rss'][m - 1]:>7.0f}" for m in marks)
-        print(f"{mode:9} {variant:14} {peak:>9.0f} {peak / dense_peak:>7.2f}x {at} {r['step_s'] * 1e3:>8.1f}")
+        print(f"{mode:10} {variant:14} {peak:>9.0f} {peak / dense_peak:>7.2f}x {at} {r['step_s'] * 1e3:>8.1f}")
 
 
 if __name__ == "__main__":

@@ -214,6 +214,9 @@ class TrainConfig(Settings):
     eval_from: int = setting(0, ge=0, help="validation scores targets from this position of each window on (the same "
                                            "for every variant of a grid with input-conditioned pruning, whose "
                                            "models are scored after their prompt)")
+    low_memory: bool = setting(False, help="trade speed for resident memory on CPU: large tensors are mapped and "
+                                           "unmapped, and the heap is trimmed after every step (routed variants' RSS "
+                                           "-45 to -50%, steps 2-2.6x slower: docs/benchmarks.md)")
     distill: float = setting(0.0, ge=0.0, help="weight of the KL divergence from the model.init model's predictions "
                                                "(distillation from the dense model a pruned one starts from); 0 = off")
 

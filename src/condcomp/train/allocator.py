@@ -8,15 +8,16 @@ then climbs for tens of steps — 0.55 -> 1.8 GB for learned skipping (docs/resu
 tensor leaking.
 
 ``tune_allocator`` pins the threshold (so large tensors are mmapped and unmapped when freed) and
-``release_free_memory`` hands the heap's free tail back after a step (``malloc_trim``). Both are
-glibc calls through ctypes and no-ops elsewhere. ``CONDCOMP_MALLOC=default`` turns them off.
+``release_free_memory`` hands the heap's free memory back after a step (``malloc_trim``). Both are
+glibc calls through ctypes and no-ops elsewhere. The trainer applies them only with
+``train.low_memory: true``: memory handed back must be faulted in again the next step, which made
+steps about 2-2.6x slower here (docs/benchmarks.md, "Resident memory").
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
 MMAP_THRESHOLD_BYTES = 64 * 1024
@@ -35,18 +36,16 @@ def _glibc():
     return _libc or None
 
 
-def enabled() -> bool:
-    return os.environ.get("CONDCOMP_MALLOC", "tuned") != "default" and _glibc() is not None
+def available() -> bool:
+    return _glibc() is not None
 
 
 def tune_allocator() -> bool:
     """Pin glibc's mmap threshold at 64 KiB for this process. Returns whether anything was set."""
-    if not enabled():
-        return False
-    return bool(_glibc().mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    return available() and bool(_glibc().mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def release_free_memory() -> None:
     """Return the heap's free memory to the system (after a training step)."""
-    if enabled():
+    if available():
         _glibc().malloc_trim(0)

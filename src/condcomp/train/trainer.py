@@ -183,7 +183,8 @@ class Trainer:
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        tune_allocator()  # before the model exists: its activations vary in shape from step to step
+        if tc.low_memory:
+            tune_allocator()  # before the model exists: its activations vary in shape from step to step
         self.rt = init_distributed(expert_parallel=tc.expert_parallel, device=tc.device)
         if tc.batch_size % self.rt.world_size:
             raise TrainingError(f"train.batch_size={tc.batch_size} is the batch over all ranks and must divide "
@@ -466,7 +467,8 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         mean_loss = self.rt.all_reduce(loss.item(), "mean")  # the loss of the whole batch
-        release_free_memory()  # the step's freed activations go back to the system, not into heap holes
+        if tc.low_memory:
+            release_free_memory()  # the step's freed activations go back to the system, not into heap holes
         record = {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0]}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
