@@ -13,30 +13,27 @@ from condcomp.train import allocator
 GLIBC = allocator.available()
 
 PROBE = """
-import os, sys, torch
-from condcomp.train.allocator import release_free_memory, tune_allocator
+import os, torch
+from condcomp.train.allocator import release_free_memory
 def rss():
     return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
-if sys.argv[1] == "tuned":
-    tune_allocator()
 base = rss()
 blocks = [torch.ones(15_000) for _ in range(1000)]  # 60 KB each: heap-allocated under any threshold
-pin = torch.ones(8)  # allocated after them, on top of the heap: glibc's free can only trim above it
+pin = torch.ones(8)  # allocated after them, on top of the heap: free() can only trim above it
 del blocks
-if sys.argv[1] == "tuned":
-    release_free_memory()
-print(rss() - base)
+kept = rss() - base
+release_free_memory()
+print(kept, rss() - base)
 """
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_freed_activations_are_returned_to_the_system():
-    def growth(mode: str) -> float:
-        out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
-        return float(out.stdout.strip().splitlines()[-1])
-
-    tuned, default = growth("tuned"), growth("default")
-    assert tuned < 10 and default > 40  # MiB of the 60 freed: returned only when tuned
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
+    kept, after_trim = (float(v) for v in out.stdout.split())
+    if kept < 40:
+        pytest.skip(f"this process's allocator already returned the freed memory ({kept:.0f} of 60 MiB kept)")
+    assert after_trim < 10  # MiB of the 60 freed: returned by the trim
 
 
 def test_low_memory_training_runs_and_matches_the_default(tiny_config):

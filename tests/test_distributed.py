@@ -382,7 +382,10 @@ def test_a_killed_rank_fails_the_job_clearly_and_a_restart_resumes(text_file, tm
     assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000004"]
     verify_checkpoint(list_checkpoints(run_dir)[-1])
 
-    again = torchrun(tmp_path, text_file, run_dir, resume=True)
+    # One torchrun restart is allowed: gloo has been seen to abort a fresh rank at start-up under load
+    # ("terminate called without an active exception"; see the next test). Any attempt resumes from
+    # the newest intact checkpoint.
+    again = torchrun(tmp_path, text_file, run_dir, resume=True, restarts=1)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming" in again.stdout and "from step 4 on 2 rank(s)" in again.stdout
     assert "finished step 10" in again.stdout
