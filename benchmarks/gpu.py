@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import condcomp.dispatch.grouped as grouped_dispatch
-from condcomp.bench.measure import timed_alternating
+from condcomp.bench.measure import gemm_rate, timed_alternating
 from condcomp.config import ModelConfig
 from condcomp.layers.moe import MoE
 from condcomp.models import Transformer
@@ -33,13 +33,6 @@ from condcomp.routing import ExpertChoiceRouter, TopKRouter
 from condcomp.settings import from_dict
 
 DEV = torch.device("cuda")  # --device cpu: a quick smoke run of the script itself, on tiny sizes
-
-
-def gemm_rate(dtype: torch.dtype, n: int, rounds: int) -> float:
-    """FLOP/s of a plain n x n x n matmul (the physical limit the MoE rows are compared with)."""
-    a, b = torch.randn(n, n, device=DEV, dtype=dtype), torch.randn(n, n, device=DEV, dtype=dtype)
-    t = timed_alternating({"gemm": lambda: a @ b}, rounds, warmup=3)["gemm"]
-    return 2 * n**3 / t
 
 
 def expert_flops(moe: MoE, assignments: int, d: int, dff: int) -> float:
@@ -59,7 +52,7 @@ def moe_table(args) -> None:
     }
     for dtype_name in ("bf16", "fp32"):
         dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-        plain = gemm_rate(dtype, 4096 if DEV.type == "cuda" else 256, args.rounds)
+        plain = gemm_rate(dtype, 4096 if DEV.type == "cuda" else 256, args.rounds, device=DEV)
         print(f"\nMoE forward+backward, {dtype_name}, {n} tokens, d_model {d}, SwiGLU experts; plain GEMM "
               f"{plain / 1e12:.1f} TFLOP/s")
         head = f"{'router':34} {'dispatch':22} {'ms':>8} {'TFLOP/s':>8} {'x plain':>8}"

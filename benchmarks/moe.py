@@ -24,18 +24,13 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from condcomp.bench.measure import timed_alternating
+from condcomp.bench.measure import gemm_rate, timed_alternating
 from condcomp.layers.experts import _activate
 from condcomp.layers.moe import MoE
 from condcomp.routing import ExpertChoiceRouter, TopKRouter
 from condcomp.train.optim import autocast
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def plain_rate(dtype: torch.dtype, n: int, rounds: int) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / timed_alternating({"gemm": lambda: a @ b}, rounds, warmup=1)["gemm"]
 
 
 def expert_flops(assignments: int, d: int, dff: int) -> float:
@@ -143,7 +138,7 @@ def main() -> None:
           f"(d_ff {dff}, {e} experts unless noted); forward+backward")
     for precision in args.dtypes.split(","):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        plain = plain_rate(dtype, 2048, max(3, args.rounds // 2))
+        plain = gemm_rate(dtype, 2048, max(3, args.rounds // 2))
         print(f"\n{precision}: plain 2048³ GEMM {plain / 1e9:.0f} GFLOP/s")
         head = f"{'group':34} {'row':44} {'ms':>8} {'GFLOP/s':>8} {'x plain':>8}"
         print(head + "\n" + "-" * len(head))

@@ -37,18 +37,18 @@ def _search(args) -> int:
         raise RetrievalError("--query is empty; give the text to search for")
     encoder = _encoder(args.model)
     index = TokenIndex.load(args.index, expect=encoder.fingerprint)
-    batch = encoder.tokenize([args.query], max_length=args.query_max_length)
-    if batch.truncated:
+    encoded = encoder.encode([args.query], max_length=args.query_max_length, precision="fp32")
+    if encoded.truncated:
         print(f"note: the query is longer than {args.query_max_length} tokens and was truncated to them "
               "(raise --query-max-length, up to the encoder's limit)")
-    query = encoder.encode([args.query], max_length=args.query_max_length, precision="fp32").text(0)
+    query = encoded.text(0)
     if args.scorer == "xtr":
         ranking = search_xtr(index, query, k_prime=args.k_prime, top=args.top)
     elif args.scorer == "colbert":
         ranking = search_colbert(index, query, top=args.top)
     else:
         ranking = search_single_vector(index, query, top=args.top)
-    tokens = encoder.tokenizer.convert_ids_to_tokens(batch.ids[0][batch.mask[0].bool()].tolist())
+    tokens = encoder.tokenizer.convert_ids_to_tokens(encoded.token_ids.tolist())
     print(f"{'rank':>4} {'score':>7}  document")
     for r, (d, s) in enumerate(zip(ranking.docs, ranking.scores), 1):
         print(f"{r:>4} {s:>7.4f}  {index.doc_keys[d]}")

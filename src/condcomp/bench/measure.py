@@ -43,6 +43,12 @@ def timed_pair(fn: Callable[[], object], ref_fn: Callable[[], object], rounds: i
     return sorted(a)[rounds // 2], sorted(b)[rounds // 2]
 
 
+def gemm_rate(dtype: torch.dtype, n: int = 2048, rounds: int = 5, device: str | torch.device = "cpu") -> float:
+    """FLOP/s of one plain n x n x n matmul: the physical limit a benchmark's rows are compared with."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    return 2 * n**3 / timed_alternating({"gemm": lambda: a @ b}, rounds, warmup=1)["gemm"]
+
+
 def timed_alternating(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each function, timed one call each in turn, round by round, so
     drift in the machine's speed hits every function alike (the many-way form of timed_pair)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,8 +143,8 @@ class TokenSelectRouter(Router):
                        metrics=metrics, tokens_per_sequence=per_sequence)
 
     def _tokens_per_full_sequence(self, t: int) -> int:
-        """``tokens_per_sequence`` of a sequence of t real tokens, computed on the host."""
-        return int(self.tokens_per_sequence(torch.tensor([t]))[0])
+        """``tokens_per_sequence`` of a sequence of t real tokens, on the host (the same float64 arithmetic)."""
+        return math.ceil(t * self.capacity - 1e-9)
 
 
 def _masked_bce(logits: torch.Tensor, target: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
