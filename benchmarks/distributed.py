@@ -12,6 +12,14 @@ steps:
   compute, so this is time in flight, not time added to the step.
 
     .venv/bin/python benchmarks/distributed.py [--rounds 3] [--steps 15] [--d-model 256] [--precision bf16]
+
+``--sharding`` measures memory instead: a dense model as large as 4 DDP ranks of this machine hold,
+trained on 1, 2 and 4 ranks with DDP (every rank holds the whole training state) and with FSDP
+(``train.fsdp``: parameters, gradients and AdamW state sharded). Each row reports the training state
+one rank holds (parameters + gradients + AdamW moments, counted from its tensors), that rank's peak
+resident memory (``ru_maxrss``, the largest rank's) and tokens/s.
+
+    .venv/bin/python benchmarks/distributed.py --sharding [--d-model 1024] [--layers 12]
 """
 
 from __future__ import annotations
@@ -34,6 +42,21 @@ SETUPS = [  # (label, ranks, threads per rank, expert_parallel)
 ]
 
 
+SHARDING_SETUPS = [  # (label, ranks, fsdp)
+    ("1 rank", 1, False),
+    ("2 ranks, DDP", 2, False),
+    ("2 ranks, FSDP", 2, True),
+    ("4 ranks, DDP", 4, False),
+    ("4 ranks, FSDP", 4, True),
+]
+
+
+def sharding_overrides(args) -> list[str]:
+    return [f"model.d_model={args.d_model}", f"model.n_layers={args.layers}", f"model.n_heads={args.d_model // 64}",
+            f"model.seq_len={args.seq_len}", f"train.batch_size={args.batch}", f"train.precision={args.precision}",
+            "train.progress=false", "train.warmup_steps=10", f"train.steps={10 * args.steps}"]
+
+
 def model_overrides(args) -> list[str]:
     return [f"model.d_model={args.d_model}", "model.n_layers=4", "model.n_heads=4", f"model.seq_len={args.seq_len}",
             "model.ffn=moe", "model.moe.num_experts=8", "model.moe.k=2", "model.moe.capacity_factor=1.25",
@@ -51,8 +74,11 @@ def worker(args) -> None:
     from condcomp.train import Trainer
 
     run_dir = Path(args.out).with_suffix("")  # unique per job, created by the launcher's temp folder
-    cfg = load_config(None, model_overrides(args) + [f"train.threads={args.threads}",
-                                                    f"train.expert_parallel={args.ep}", f"run_dir={run_dir}"])
+    if args.sharding:
+        overrides = sharding_overrides(args) + [f"train.fsdp={args.fsdp}"]
+    else:
+        overrides = model_overrides(args) + [f"train.expert_parallel={args.ep}"]
+    cfg = load_config(None, overrides + [f"train.threads={args.threads}", f"run_dir={run_dir}"])
     trainer = Trainer(cfg)
     rt = trainer.rt
     for _ in range(args.warmup):
@@ -65,6 +91,18 @@ def worker(args) -> None:
         trainer.step += 1
     rt.barrier()
     seconds = time.perf_counter() - t0
+    if args.sharding:
+        from condcomp.train.trainer import peak_rss_bytes
+
+        peak = rt.all_reduce(peak_rss_bytes() / 2**30, "max")
+        result = {"tokens_per_s": cfg.train.batch_size * cfg.model.seq_len * args.steps / seconds,
+                  "step_s": seconds / args.steps, "peak_rss_gib": peak, "parameters": trainer.model.num_parameters(),
+                  **trainer.state_memory}
+        if rt.is_main:
+            Path(args.out).write_text(json.dumps(result))
+        if rt.distributed:
+            torch.distributed.destroy_process_group()
+        return
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.profile_steps):
             trainer.train_step()
@@ -83,13 +121,15 @@ def worker(args) -> None:
         torch.distributed.destroy_process_group()
 
 
-def launch(args, label: str, ranks: int, threads: int, ep: int, folder: Path) -> dict:
-    out = folder / f"{ranks}r{threads}t{ep}e.json"
+def launch(args, label: str, ranks: int, threads: int, ep: int, folder: Path, fsdp: bool = False) -> dict:
+    out = folder / f"{ranks}r{threads}t{ep}e{int(fsdp)}f.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
            __file__, "--worker", "--out", str(out), "--threads", str(threads), "--ep", str(ep),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--profile-steps", str(args.profile_steps),
            "--d-model", str(args.d_model), "--seq-len", str(args.seq_len), "--batch", str(args.batch),
-           "--precision", args.precision]
+           "--precision", args.precision, "--layers", str(args.layers), "--fsdp", str(fsdp).lower()]
+    if args.sharding:
+        cmd.append("--sharding")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -107,6 +147,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=16, help="sequences per step over all ranks")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    p.add_argument("--sharding", action="store_true", help="the DDP vs FSDP memory table instead")
+    p.add_argument("--layers", type=int, default=12, help="--sharding: the dense model's layers")
+    p.add_argument("--fsdp", default="false", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -114,6 +157,8 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.sharding:
+        return sharding_table(args)
     print(f"MoE LM (d_model {args.d_model}, 4 layers, 8 experts top-2, capacity 1.25), batch {args.batch} x "
           f"{args.seq_len} tokens, {args.precision}; {args.steps} timed steps per row, {os.cpu_count()} CPU cores")
     # Rounds cycle through the setups so that a slow spell of the machine hits every setup alike;
@@ -137,6 +182,29 @@ def main() -> None:
         print(f"| {label} | {r['tokens_per_s']:,.0f} | {lo:,.0f}-{hi:,.0f} | {r['tokens_per_s'] / base:.2f}x | "
               f"{1e3 * r['step_s']:.0f} | {1e3 * r['all_to_all_s_per_step']:.1f} | "
               f"{1e3 * r['all_reduce_s_per_step']:.1f} |")
+
+
+def sharding_table(args) -> None:
+    """Per-rank memory and speed of DDP vs FSDP on 1, 2 and 4 ranks (each rank one thread, as
+    torchrun sets; 4 ranks share the 2 cores, so speed cannot scale here: memory must)."""
+    print(f"dense LM, d_model {args.d_model}, {args.layers} layers, batch {args.batch} x {args.seq_len} tokens, "
+          f"{args.precision}; {args.steps} timed steps per row, {os.cpu_count()} CPU cores")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.rounds):
+            for label, ranks, fsdp in SHARDING_SETUPS:
+                rows.setdefault(label, []).append(launch(args, label, ranks, 1, 1, Path(tmp), fsdp))
+                print(f"  round {round_ + 1}: {label}: {rows[label][-1]['state_gib']:.2f} GiB state, "
+                      f"{rows[label][-1]['peak_rss_gib']:.2f} GiB peak RSS, "
+                      f"{rows[label][-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
+    med = {label: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for label, rs in rows.items()}
+    base = med[SHARDING_SETUPS[0][0]]
+    print(f"\n{base['parameters'] / 1e6:,.0f} M parameters; medians over {args.rounds} round(s)\n")
+    print("| setup | training state per rank (GiB) | vs 1 rank | peak RSS per rank (GiB) | vs 1 rank | tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for label, r in med.items():
+        print(f"| {label} | {r['state_gib']:.2f} | {r['state_gib'] / base['state_gib']:.2f}x | "
+              f"{r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] / base['peak_rss_gib']:.2f}x | {r['tokens_per_s']:,.0f} |")
 
 
 if __name__ == "__main__":

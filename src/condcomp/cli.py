@@ -149,6 +149,24 @@ def _export(args) -> int:
     return 0
 
 
+def _consolidate(args) -> int:
+    from safetensors.torch import save_model
+
+    from condcomp.files import atomic_path
+    from condcomp.train import load_model
+    from condcomp.train.checkpoint import checkpoint_format, resolve_checkpoint
+
+    path = resolve_checkpoint(args.checkpoint)
+    fmt = checkpoint_format(path)
+    model, _ = load_model(path)  # every shard read, whole, in this process
+    out = Path(args.out)
+    with atomic_path(out) as tmp:
+        save_model(model, str(tmp))
+    print(f"wrote the {fmt} checkpoint {path} as one file, {out} ({model.num_parameters():,} parameters); "
+          "condcomp export turns it into a Hugging Face folder")
+    return 0
+
+
 def _compare(args) -> int:
     from condcomp.compare import load_grid, run_grid, terminal_table, write_report
 
@@ -252,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("checkpoint", help="run folder or checkpoint folder")
     ex.add_argument("--out", required=True, help="the Hugging Face model folder to write (must not exist or be empty)")
     ex.set_defaults(func=_export)
+
+    co = sub.add_parser("consolidate", help="a checkpoint (sharded by train.fsdp, or whole) -> one safetensors file")
+    co.add_argument("checkpoint", help="run folder or checkpoint folder")
+    co.add_argument("--out", required=True, help="the .safetensors file to write (replaced atomically)")
+    co.set_defaults(func=_consolidate)
 
     pl = sub.add_parser("plot", help="loss and validation curves (and routing loads) of runs, as PNGs and a page")
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by condcomp train")

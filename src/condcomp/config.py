@@ -206,6 +206,15 @@ class TrainConfig(Settings):
     threads: int | None = setting(None, ge=1, help="torch intra-op threads; default: all cores")
     expert_parallel: int = setting(1, ge=1, help="under torchrun: spread each MoE's experts over this many ranks "
                                   "(must divide the number of ranks and model.moe.num_experts); 1 = data parallel only")
+    fsdp: bool = setting(False, help="under torchrun: shard parameters, gradients and optimizer state over the ranks "
+                                     "(FSDP2, each block a unit) and write sharded checkpoints "
+                                     "(torch.distributed.checkpoint) that load on any number of ranks")
+    activation_checkpointing: bool = setting(False, help="keep only each block's input in the forward pass and "
+                                                         "recompute the block in backward: less activation memory, "
+                                                         "about a third more executed FLOPs (both are logged)")
+    max_memory_gb: float | None = setting(None, gt=0.0, help="per-rank memory limit for parameters, gradients and "
+                                                             "optimizer state: training refuses to start, naming the "
+                                                             "world size that would fit, when they exceed it")
     aux_loss_weights: dict[str, float] = setting(
         default_factory=registry.default_aux_loss_weights,
         help="weight of each auxiliary loss a layer returns, by name (defaults: each technique's)",

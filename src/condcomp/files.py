@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -30,3 +32,17 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 def write_json_atomic(path: str | Path, data) -> None:
     """Write ``data`` as JSON to ``path`` so a reader sees the old file or the whole new one."""
     write_bytes_atomic(path, json.dumps(data, indent=1).encode())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write (by a library that wants a file name); it replaces
+    ``path`` when the block ends without an error, and is removed when it raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -4,9 +4,11 @@
 MASTER_PORT) and starts the default process group: NCCL when CUDA is available, gloo otherwise.
 Run as a plain process it returns a single-process runtime, so the trainer has one code path.
 
-Groups for expert parallelism of size P (P divides the world size W):
+Groups for expert parallelism of size P (P divides the world size W), the two dimensions of a
+[W/P, P] device mesh (``Runtime.expert_mesh``, dimensions "replicate" and "expert"):
 - expert group g = ranks [g*P, (g+1)*P): together they hold every expert once, and exchange tokens;
 - replica group i = ranks {i, i+P, i+2P, ...}: they hold the same experts, and average their gradients.
+FSDP shards every other parameter over all W ranks (``Runtime.world_mesh``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from condcomp.device import check_device_spec, resolve_device
 
@@ -37,6 +41,8 @@ class Runtime:
     expert_parallel: int = 1
     expert_group: dist.ProcessGroup | None = None
     replica_group: dist.ProcessGroup | None = None
+    world_mesh: DeviceMesh | None = None  # [W]: every rank (FSDP's data-parallel dimension)
+    expert_mesh: DeviceMesh | None = None  # [W/P, P] "replicate" x "expert" (expert parallelism only)
 
     @property
     def distributed(self) -> bool:
@@ -126,19 +132,14 @@ def init_distributed(*, expert_parallel: int = 1, timeout_s: float | None = None
         device = torch.device("cpu")
     rt = Runtime(rank=rank, world_size=world, local_rank=local_rank, backend=dist.get_backend(), device=device,
                  expert_parallel=expert_parallel)
+    rt.world_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("world",))
     if expert_parallel > 1:
-        # Every rank must create every group, in the same order (new_group is itself a collective).
-        for g in range(world // expert_parallel):
-            ranks = list(range(g * expert_parallel, (g + 1) * expert_parallel))
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                rt.expert_group = group
+        # Row g of the mesh is expert group g (consecutive ranks), column i is replica group i.
+        rt.expert_mesh = init_device_mesh(device.type, (world // expert_parallel, expert_parallel),
+                                          mesh_dim_names=("replicate", "expert"))
+        rt.expert_group = rt.expert_mesh.get_group("expert")
         if world > expert_parallel:
-            for i in range(expert_parallel):
-                ranks = list(range(i, world, expert_parallel))
-                group = dist.new_group(ranks)
-                if rank in ranks:
-                    rt.replica_group = group
+            rt.replica_group = rt.expert_mesh.get_group("replicate")
     return rt
 
 

@@ -20,6 +20,7 @@ from condcomp.layers.info import LayerInfo
 from condcomp.layers.kv_cache import ModelCache
 from condcomp.layers.norm import RMSNorm
 from condcomp.layers.traits import look_ahead_modules
+from condcomp.recompute import run_checkpointed
 
 
 @dataclass
@@ -65,6 +66,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self._refuse_look_ahead()
         self.reset_parameters()
+        # Activation checkpointing (a trainer's choice, not part of the model): in training, keep only
+        # each block's input and recompute the block in backward.
+        self.checkpoint_blocks = False
 
     def _refuse_look_ahead(self) -> None:
         """A decoder must not contain a layer whose routing reads future tokens at inference."""
@@ -105,8 +109,12 @@ class Transformer(nn.Module):
             raise ValueError("this model has a layer that cannot decode incrementally; call without a cache")
         aux = AuxCollector()
         x = self.drop(self.embed(tokens))
+        recompute = self.checkpoint_blocks and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x, info = block(x, padding_mask=padding_mask, cache=cache)
+            if recompute:
+                x, info = run_checkpointed(block, x, padding_mask=padding_mask, cache=None)
+            else:
+                x, info = block(x, padding_mask=padding_mask, cache=cache)
             aux.add(f"layer{i}", info)
         if cache is not None:
             cache.offset = end

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from condcomp.recompute import is_recomputing
 from condcomp.routing.base import Router, RouterTokens
 from condcomp.routing.losses import router_z_loss
 from condcomp.routing.metrics import routing_metrics
@@ -147,7 +148,8 @@ class ExpertChoiceRouter(Router):
         with torch.no_grad():
             boundary = vals[..., -1]  # [t, e], score of the c-th pick
             ok = torch.isfinite(boundary)
-            if all_real or ok.any():
+            # A block recomputed in backward (activation checkpointing) has moved them already.
+            if not is_recomputing() and (all_real or ok.any()):
                 mean_boundary = torch.where(ok, boundary, 0).sum(0) / ok.sum(0).clamp(min=1)
                 # The first batch sets the thresholds, later ones move them (a select, not a branch
                 # on the flag, so the device is not asked for it).

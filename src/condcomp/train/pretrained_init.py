@@ -113,10 +113,7 @@ def load_init_weights(model, init: str) -> str:
     Returns a one-line description for the log."""
     saved = _checkpoint(init)
     if saved is not None:
-        from safetensors.torch import load_file
-
-        ckpt.verify_checkpoint(saved)
-        state = load_file(str(saved / "model.safetensors"))
+        state = ckpt.read_weights(saved)  # whole or sharded (train.fsdp), verified
         load_dense_state(model, {k: v.to(next(model.parameters()).dtype) for k, v in state.items()},
                          what=f"checkpoint {saved}")
         return f"initialised from condcomp checkpoint {saved}"

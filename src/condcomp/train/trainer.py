@@ -2,8 +2,11 @@
 executed-FLOP counting, JSONL metrics and exact resume.
 
 Under torchrun the same loop is data parallel (DDP; each of N ranks takes 1/N of every batch) and,
-with ``train.expert_parallel``, expert parallel. Checkpoints are always written whole, as one process
+with ``train.expert_parallel``, expert parallel. Checkpoints are written whole, as one process
 holding every expert would write them, so they load in a single process or on any number of ranks.
+With ``train.fsdp`` parameters, gradients and optimizer state are sharded over the ranks (FSDP2)
+and every rank writes its own shards of each checkpoint (``sharded_checkpoint``); those load on any
+number of ranks too, and ``condcomp consolidate`` turns one into a single file.
 
 Exactness: the batch of step s depends only on (seed, s), and a checkpoint holds the model,
 optimizer, schedule, torch RNG and counters, so ``--resume`` continues bit-for-bit as if the run
@@ -15,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +31,11 @@ from condcomp.config import RunConfig, config_from_saved
 from condcomp.data import eval_batches, train_batch
 from condcomp.distributed import (DistributedError, Runtime, clip_grad_norm, full_experts, full_optimizer_state,
                                   ignore_in_ddp, init_distributed, reduce_expert_grads, shard_experts,
-                                  shard_optimizer_state)
+                                  shard_optimizer_state, sharded_parameters)
+from condcomp.distributed.fsdp import (GIB, check_memory_limit, clip_grad_norm_sharded, local_state_memory,
+                                       shard_model, sync_buffers)
 from condcomp.flops import flop_counter
+from condcomp.recompute import count_recomputed_flops
 from condcomp.layers.traits import (aux_loss_names, calibrate_added_parameters, prompt_length, selects_tokens,
                                    set_training_progress)
 from condcomp.models import Transformer
@@ -39,6 +46,7 @@ from condcomp.train.metrics_log import MetricsLog
 from condcomp.train.optim import autocast, build_optimizer, warmup_cosine
 from condcomp.train.pretrained_init import load_init_weights, load_model, load_run_corpus  # noqa: F401 (load_model: re-exported)
 from condcomp.train.run_guard import RunLock, StopRequest
+from condcomp.train.sharded_checkpoint import load_sharded, save_sharded
 
 LN2 = math.log(2.0)
 
@@ -150,6 +158,24 @@ def lost_peer(error: BaseException) -> bool:
     return any(sign in text for sign in _LOST_PEER_SIGNS)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def load_whole_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a whole checkpoint's optimizer state (indexed by position, every tensor whole) into an
+    optimizer over FSDP shards: name each entry by its parameter, and let torch.distributed.checkpoint
+    cut out this rank's pieces."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    by_name = {"state": {order[i]: entry for i, entry in state["state"].items()},
+               "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -199,7 +225,14 @@ class Trainer:
                 raise TrainingError(
                     f"the {split} split of {self.corpus.description} has {len(self.corpus.split(split))} {unit}, "
                     f"fewer than model.seq_len + 1 = {cfg.model.seq_len + 1}; use more text or a smaller model.seq_len")
+        if tc.max_memory_gb is not None:
+            with torch.device("meta"):  # shapes only: refuse before allocating anything
+                planned = Transformer(cfg.model)
+            check_memory_limit(planned, limit_gb=tc.max_memory_gb, world=self.rt.world_size,
+                               expert_parallel=tc.expert_parallel, fsdp=tc.fsdp and self.rt.distributed)
+            del planned
         self.model = Transformer(cfg.model)
+        self.model.checkpoint_blocks = tc.activation_checkpointing
         missing = sorted(aux_loss_names(self.model) - set(tc.aux_loss_weights))
         if missing:
             raise TrainingError(f"the model's layers return aux loss(es) {missing} but train.aux_loss_weights has no "
@@ -212,7 +245,9 @@ class Trainer:
         self.total_flops = 0.0
         self.tokens_seen = 0
         self.train_seconds = 0.0
-        self.last_step_flops = 0.0
+        self.last_step_flops = 0.0  # model FLOPs: forward and backward, as if nothing were recomputed
+        self.total_executed_flops = 0.0  # plus the blocks recomputed in backward (activation checkpointing)
+        self.last_step_executed_flops = 0.0
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.metrics = MetricsLog(self.metrics_path)
         # One training process per run folder (rank 0 holds it for the whole job).
@@ -243,11 +278,18 @@ class Trainer:
             self.optimizer, lambda s: warmup_cosine(s, warmup=warmup, total=total, min_ratio=floor,
                                                 budget_progress=self.budget_progress()))
         if state is not None:
-            optimizer_state = state["optimizer"]
-            if self.expert_parallel:
-                optimizer_state = shard_optimizer_state(optimizer_state, self.optimizer, self.model)
-            self.optimizer.load_state_dict(optimizer_state)
+            if "sharded" in state:  # weights and optimizer state were left for now, when they have a place
+                load_sharded(state["sharded"], self.model, self.optimizer, self.rt)
+            else:
+                optimizer_state = state["optimizer"]
+                if self.expert_parallel:
+                    optimizer_state = shard_optimizer_state(optimizer_state, self.optimizer, self.model)
+                if self.fsdp:
+                    load_whole_optimizer_state(self.model, self.optimizer, optimizer_state)
+                else:
+                    self.optimizer.load_state_dict(optimizer_state)
             self.scheduler.load_state_dict(state["scheduler"])
+        self.state_memory = self._report_state_memory()
 
     def _load_teacher(self) -> Transformer:
         """The frozen model to distil from: what ``model.init`` names, as it is (before any conversion)."""
@@ -267,14 +309,35 @@ class Trainer:
     def expert_parallel(self) -> bool:
         return self.rt.expert_parallel > 1
 
+    @property
+    def fsdp(self) -> bool:
+        """Parameters are FSDP shards (train.fsdp under torchrun; a single process keeps them whole)."""
+        return self.cfg.train.fsdp and self.rt.distributed
+
+    def _report_state_memory(self) -> dict[str, float]:
+        """Per-rank GiB of parameters, gradients and AdamW state (the largest rank's), printed once."""
+        mine = local_state_memory(self.model).as_gib()
+        most = {k: self.rt.all_reduce(v, "max") for k, v in mine.items()}
+        if self.rt.is_main:
+            how = "sharded (FSDP)" if self.fsdp else "whole on every rank" if self.rt.distributed else "one process"
+            print(f"training state per rank, {how}: {most['state_gib']:.3f} GiB (parameters {most['params_gib']:.3f}, "
+                  f"gradients {most['grads_gib']:.3f}, AdamW {most['optimizer_gib']:.3f})")
+        return most
+
     def _distribute(self) -> torch.nn.Module:
         """Move the model to this rank's device, shard its experts and wrap it in DDP. Returns the module
         to train through (the DDP wrapper, or the model itself in a single process)."""
         self.model.to(self.rt.device)
         if not self.rt.distributed:
             return self.model
-        if self.expert_parallel:
-            ignore_in_ddp(self.model, shard_experts(self.model, self.rt.expert_group))
+        experts = shard_experts(self.model, self.rt.expert_group) if self.expert_parallel else []
+        if self.fsdp:
+            # FSDP shards all but the expert shards; no wrapper: the model itself is the sharded module.
+            shard_model(self.model, self.rt, precision=self.cfg.train.precision,
+                        keep_whole=sharded_parameters(self.model), unused_parameters=selects_tokens(self.model))
+            return self.model
+        if experts:
+            ignore_in_ddp(self.model, experts)
         # Token-selection layers can leave a whole block without tokens in a step; DDP must then not
         # wait for its gradients. Buffers (expert-choice thresholds) follow rank 0, as BatchNorm's do.
         return torch.nn.parallel.DistributedDataParallel(
@@ -339,13 +402,19 @@ class Trainer:
             raise TrainingError(f"checkpoint {path} was trained with a different model config ({', '.join(changed[:4])}"
                                 f"{' ...' if len(changed) > 4 else ''}); resume with the config it was saved with, "
                                 "or leave --config out to use the run's own")
-        state = ckpt.load_checkpoint(path, self.model)
+        if ckpt.checkpoint_format(path) == "sharded":
+            # Weights and optimizer state load into their shards once the model is distributed.
+            state = {**torch.load(path / "state.pt", weights_only=True, map_location="cpu"), "sharded": path}
+        else:
+            state = ckpt.load_checkpoint(path, self.model)
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
         self.total_flops = float(state["total_flops"])
         self.tokens_seen = int(state["tokens_seen"])
         self.train_seconds = float(state["train_seconds"])
         self.last_step_flops = float(state["last_step_flops"])
+        self.total_executed_flops = float(state.get("total_executed_flops", self.total_flops))
+        self.last_step_executed_flops = float(state.get("last_step_executed_flops", self.last_step_flops))
         if self.rt.is_main:
             print(f"resuming {self.run_dir} from step {self.step} on {self.rt.world_size} rank(s)")
             self.metrics.truncate_after(self.step)  # those lines will be written again
@@ -368,11 +437,9 @@ class Trainer:
         raise ckpt.CheckpointError(f"no intact checkpoint in {self.run_dir}: {'; '.join(errors)}")
 
     def save(self) -> Path:
-        """Write a whole checkpoint (rank 0, after gathering expert shards; every rank calls this)."""
-        optimizer_state = (full_optimizer_state(self.optimizer, self.model) if self.expert_parallel
-                           else self.optimizer.state_dict())
+        """Write a checkpoint (every rank calls this): sharded with train.fsdp, every rank its shards;
+        else whole, by rank 0 after gathering expert shards."""
         state = {
-            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "step": self.step,
@@ -380,8 +447,15 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "train_seconds": self.train_seconds,
             "last_step_flops": self.last_step_flops,
+            "total_executed_flops": self.total_executed_flops,
+            "last_step_executed_flops": self.last_step_executed_flops,
             "world_size": self.rt.world_size,
         }
+        if self.cfg.train.fsdp:
+            return save_sharded(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.to_dict(),
+                                self.rt, keep=self.cfg.train.keep_checkpoints)
+        state["optimizer"] = (full_optimizer_state(self.optimizer, self.model) if self.expert_parallel
+                              else self.optimizer.state_dict())
         path = ckpt.checkpoint_dir(self.run_dir) / f"step_{self.step:08d}"
         with full_experts(self.model):
             if self.rt.is_main:
@@ -435,9 +509,12 @@ class Trainer:
         x, y = self.local_batch(self.step)
         y = scored_from(y, self.loss_from)
         set_training_progress(self.model, max(self.step / tc.steps, self.budget_progress()))
+        if self.fsdp:
+            sync_buffers(self.model, self.rt)  # what DDP does at each forward
         count = self.step % tc.flops_every == 0
         counter = flop_counter() if count else contextlib.nullcontext()
-        with counter:
+        recomputed = count_recomputed_flops() if count else contextlib.nullcontext([])
+        with counter, recomputed as recomputed_flops:
             with autocast(tc.precision, self.rt.device.type):
                 try:
                     out = self.train_model(x)
@@ -453,13 +530,16 @@ class Trainer:
             total.backward()  # DDP averages the replicated gradients over ranks here
         if self.expert_parallel:
             reduce_expert_grads(self.model, self.rt)
-        if count:
-            self.last_step_flops = self.rt.all_reduce(float(counter.get_total_flops()))  # all ranks' FLOPs
+        if count:  # all ranks' FLOPs
+            self.last_step_executed_flops = self.rt.all_reduce(float(counter.get_total_flops()))
+            self.last_step_flops = self.last_step_executed_flops - self.rt.all_reduce(sum(recomputed_flops))
         if self.rt.all_reduce(float(not torch.isfinite(total).item()), "max"):
             raise TrainingError(self._diverged(f"the loss became {total.item()}"))
         grad_norm = None
         if tc.grad_clip is not None:
-            if self.expert_parallel:
+            if self.fsdp:
+                grad_norm = clip_grad_norm_sharded(self.model, tc.grad_clip, self.rt).item()
+            elif self.expert_parallel:
                 grad_norm = clip_grad_norm(self.model, tc.grad_clip, self.rt).item()
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
@@ -478,6 +558,16 @@ class Trainer:
             record["distill_kl"] = float(kl.detach())
         record.update(_scalar_metrics(out.metrics))  # routing metrics of rank 0's share
         return mean_loss, record
+
+    def _memory_record(self) -> dict[str, float]:
+        """Per-rank memory for the metrics: training state (largest rank's) and peak resident memory of
+        the process (and of the GPU) so far, the largest over ranks."""
+        record = {f"memory.{k}": v for k, v in self.state_memory.items()}
+        record["memory.peak_rss_gib"] = self.rt.all_reduce(peak_rss_bytes() / GIB, "max")
+        if self.rt.device.type == "cuda":
+            record["memory.peak_gpu_gib"] = self.rt.all_reduce(torch.cuda.max_memory_allocated(self.rt.device) / GIB,
+                                                               "max")
+        return record
 
     def _evaluate_and_log(self, bar=None) -> float:
         """Validation bits/byte now, logged with the step and counters; returns it."""
@@ -548,6 +638,7 @@ class Trainer:
             self.train_seconds += dt
             self.tokens_seen += tokens_per_step
             self.total_flops += self.last_step_flops
+            self.total_executed_flops += self.last_step_executed_flops
             window_tokens += tokens_per_step
             losses.append(loss)
             finished = self.step >= tc.steps or self.budget_spent()
@@ -556,8 +647,9 @@ class Trainer:
                 tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
                 window_start, window_tokens = time.perf_counter(), 0
                 self._log({"step": self.step, **record, "tokens_per_s": tok_s, "step_flops": self.last_step_flops,
-                           "total_flops": self.total_flops, "tokens": self.tokens_seen,
-                           "train_seconds": self.train_seconds})
+                           "total_flops": self.total_flops, "executed_step_flops": self.last_step_executed_flops,
+                           "total_executed_flops": self.total_executed_flops, "tokens": self.tokens_seen,
+                           "train_seconds": self.train_seconds, **self._memory_record()})
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             if self.step % tc.eval_every == 0 or finished:
                 val_bpb = self._evaluate_and_log(bar)
