@@ -258,6 +258,9 @@ def test_planned_state_memory_arithmetic():
     assert whole.total == 16 * total and whole.params == 4 * total and whole.optimizer == 8 * total
     sharded = planned_state_memory(model, world=4, expert_parallel=2, fsdp=True)
     assert sharded.total == pytest.approx(16 * (experts / 2 + (total - experts) / 4))
+    assert planned_state_memory(model, world=4, expert_parallel=1, fsdp=True).total == pytest.approx(16 * total / 4)
+    assert planned_state_memory(model, world=4, expert_parallel=2, fsdp=False).total == \
+        pytest.approx(16 * (experts / 2 + total - experts))
 
 
 def test_a_run_over_the_memory_limit_is_refused_with_the_world_size_that_fits(tiny_config, tmp_path):
@@ -269,6 +272,8 @@ def test_a_run_over_the_memory_limit_is_refused_with_the_world_size_that_fits(ti
                                                r"set train.fsdp: true and launch on \d+ ranks"):
         Trainer(cfg)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+    with pytest.raises(DistributedError, match=r"on 1 rank\(s\), over .*; launch on \d+ ranks"):
+        Trainer(tiny_config("run", **{"train.max_memory_gb": 1e-4, "train.fsdp": True}))  # fsdp set: ranks only
     ok = Trainer(tiny_config("fits", **{"train.max_memory_gb": 1.0}))
     assert ok.state_memory["state_gib"] * 2**30 == pytest.approx(16 * ok.model.num_parameters())
     ok.lock.release()

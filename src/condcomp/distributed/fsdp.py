@@ -131,9 +131,12 @@ def expert_parameter_count(model: nn.Module) -> int:
 
 def planned_state_memory(model: nn.Module, *, world: int, expert_parallel: int, fsdp: bool) -> StateMemory:
     """Per-rank training state of ``model`` (a whole model, e.g. built on the meta device) when trained
-    on ``world`` ranks: expert banks split over ``expert_parallel`` ranks, everything else sharded over
-    all ranks with FSDP, or held whole by every rank without."""
+    on ``world`` ranks: with expert parallelism the expert banks are split over ``expert_parallel``
+    ranks; every other parameter (the experts too, without expert parallelism) is sharded over all
+    ranks with FSDP, or held whole by every rank without."""
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if expert_parallel == 1:  # experts are parameters like any other: FSDP shards them too
+        return _per_parameter(total / world if fsdp else total)
     experts = expert_parameter_count(model)
     rest = total - experts
     return _per_parameter(experts / expert_parallel + (rest / world if fsdp else rest))

@@ -229,7 +229,7 @@ class Trainer:
             with torch.device("meta"):  # shapes only: refuse before allocating anything
                 planned = Transformer(cfg.model)
             check_memory_limit(planned, limit_gb=tc.max_memory_gb, world=self.rt.world_size,
-                               expert_parallel=tc.expert_parallel, fsdp=tc.fsdp and self.rt.distributed)
+                               expert_parallel=tc.expert_parallel, fsdp=tc.fsdp)
             del planned
         self.model = Transformer(cfg.model)
         self.model.checkpoint_blocks = tc.activation_checkpointing
