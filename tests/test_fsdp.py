@@ -277,3 +277,29 @@ def test_a_run_over_the_memory_limit_is_refused_with_the_world_size_that_fits(ti
     ok = Trainer(tiny_config("fits", **{"train.max_memory_gb": 1.0}))
     assert ok.state_memory["state_gib"] * 2**30 == pytest.approx(16 * ok.model.num_parameters())
     ok.lock.release()
+
+
+def test_a_sharded_checkpoint_exports_to_hugging_face_and_initialises_a_run(tiny_config, tmp_path):
+    """One process with train.fsdp writes the sharded format; `condcomp export` turns it into a Llama
+    folder that transformers loads with the same logits, and model.init accepts it."""
+    import transformers
+
+    from condcomp.cli import main
+    from condcomp.train import Trainer, load_model
+    from condcomp.train.checkpoint import checkpoint_format
+
+    Trainer(tiny_config("run", **{"train.steps": 2, "train.checkpoint_every": 2, "train.fsdp": True})).train()
+    saved = list_checkpoints(tmp_path / "run")[-1]
+    assert checkpoint_format(saved) == "sharded" and not (saved / "model.safetensors").exists()
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    model, _ = load_model(tmp_path / "run")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True,
+                                                             dtype=torch.float32).eval()
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+
+    child = Trainer(tiny_config("child", **{"train.steps": 1, "model.init": str(tmp_path / "run")}))
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(child.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    child.lock.release()
