@@ -149,3 +149,51 @@ def build(kind: str, name: str, *, model: Any, layer_idx: int):
     tech = get(kind, name)
     settings = getattr(model, tech.section) if tech.section else None
     return tech.build(model=model, settings=settings, layer_idx=layer_idx)
+
+
+# -- paper claims ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Claim:
+    """A paper's claim about a technique, as a statement ``condcomp compare`` can check on a grid's
+    results (``condcomp.compare.claims`` evaluates it; a grid binds it to two of its variants).
+
+    id:        "moe.expert_choice_steps"; a grid names it under ``claims:``.
+    statement: with {variant} and {baseline} placeholders, e.g. "{variant} reaches {baseline}'s final
+               loss in <= 0.5x the steps".
+    paper:     the paper's own figure, cited ("Zhou et al., 2022: >2x faster convergence than top-2").
+    test:      "lower_loss": the variant's final validation loss <= the baseline's;
+               "steps_to_loss": the variant reaches the baseline's final loss within ``ratio`` x its steps.
+    view:      the budget the comparison needs: "steps" (same schedule, equal optimizer steps), "flops"
+               or "seconds".
+    ratio:     for "steps_to_loss".
+    """
+
+    id: str
+    statement: str
+    paper: str
+    test: str
+    view: str
+    ratio: float | None = None
+
+
+_CLAIMS: dict[str, Claim] = {}
+
+
+def register_claim(id: str, *, statement: str, paper: str, test: str, view: str, ratio: float | None = None) -> Claim:
+    if test not in ("lower_loss", "steps_to_loss"):
+        raise RegistryError(f"claim {id}: test must be lower_loss or steps_to_loss, got {test!r}")
+    if view not in ("steps", "flops", "seconds"):
+        raise RegistryError(f"claim {id}: view must be steps, flops or seconds, got {view!r}")
+    if (test == "steps_to_loss") != (ratio is not None):
+        raise RegistryError(f"claim {id}: a ratio goes with test steps_to_loss, and only with it")
+    if id in _CLAIMS and _CLAIMS[id] != Claim(id, statement, paper, test, view, ratio):
+        raise RegistryError(f"claim {id} is already registered")
+    claim = _CLAIMS[id] = Claim(id, statement, paper, test, view, ratio)
+    return claim
+
+
+def claims() -> dict[str, Claim]:
+    """Every registered claim by id."""
+    load_builtin()
+    return dict(_CLAIMS)

@@ -290,3 +290,16 @@ def read_yaml(path: str | Path | None, overrides: list[str] | None = None, *, wh
     for assignment in overrides or []:
         apply_override(raw, assignment)
     return raw
+
+
+def changed_keys(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config mappings, with both values:
+    ["model.d_model: 256 -> 512", ...] (sorted)."""
+    out = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(changed_keys(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out

@@ -23,6 +23,7 @@ import yaml
 
 from condcomp import registry
 from condcomp.compare.grid import Grid
+from condcomp.compare.routing_health import routing_health
 from condcomp.compare.stages import build_stages, stage_model_dir, stage_of
 from condcomp.config import ConfigError, RunConfig, config_from_saved, from_dict
 from condcomp.files import write_json_atomic
@@ -50,6 +51,8 @@ class VariantResult:
     # Training FLOPs of the grid stages the variant starts from (included in train_flops and the curve).
     prior_flops: float = 0.0
     seed: int | None = None  # the grid's seed this result belongs to (None: a grid without seeds)
+    view: str | None = None  # the budget kind it was trained to, in a grid with several (None: one budget)
+    routing: dict[str, dict] = field(default_factory=dict)  # router -> its health over training (routing_health)
 
 
 def train_variant(config: dict) -> None:
@@ -156,6 +159,7 @@ def measure_variant(name: str, run_dir: Path, peak_rss_mib: float, *, infer_time
                 "train_seconds": r["train_seconds"]} for r in evals],
         loads={tr.name: tr.group_sizes.tolist() for tr in traces},
         prior_flops=prior_flops,
+        routing=routing_health(records),
     )
 
 
@@ -190,26 +194,49 @@ def _staged_config(grid: Grid, name: str, out: Path, charges: dict[str, float]) 
 def run_grid(grid: Grid, out_dir: str | Path, *, stop_after: int | None = None, infer_time: float = 1.0,
              log=print) -> list[VariantResult]:
     """Train and measure every variant not finished yet; return all results in grid order (with
-    ``seeds``: every variant of seed 0, then of seed 1, ..., each replicate under ``out/seed-<s>``).
+    ``seeds``: every variant of seed 0, then of seed 1, ..., each replicate under ``out/seed-<s>``;
+    with several budgets: each view in turn, under ``out/<kind>``).
 
     stop_after: stop after training this many variants in this call (to test interruption).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "grid.yaml").write_text(grid.source)
+    if grid.views:
+        results: list[VariantResult] = []
+        for kind in grid.views:
+            log(f"view: equal {kind} ({dict(grid.budgets)[kind]:.3g}):")
+            got, trained = _run_seeds(grid.for_view(kind), out / kind, stop_after=stop_after, infer_time=infer_time,
+                                      log=log)
+            for r in got:
+                r.view = kind
+            results += got
+            if stop_after is not None:
+                stop_after -= trained
+                if stop_after <= 0 and len(got) < len(grid.variants) * len(grid.seeds or [None]):
+                    break
+        return results
+    return _run_seeds(grid, out, stop_after=stop_after, infer_time=infer_time, log=log)[0]
+
+
+def _run_seeds(grid: Grid, out: Path, *, stop_after: int | None, infer_time: float,
+               log) -> tuple[list[VariantResult], int]:
+    """Every seed's replicate of a one-budget grid in ``out``: (results so far, variants trained)."""
     if grid.seeds is None:
-        return _run_replicate(grid, out, None, stop_after=stop_after, infer_time=infer_time, log=log)[0]
+        return _run_replicate(grid, out, None, stop_after=stop_after, infer_time=infer_time, log=log)
     results: list[VariantResult] = []
+    total = 0
     for seed in grid.seeds:
         log(f"seed {seed} ({grid.seeds.index(seed) + 1} of {len(grid.seeds)}):")
         got, trained = _run_replicate(with_seed(grid, seed), out / f"seed-{seed}", seed, stop_after=stop_after,
                                       infer_time=infer_time, log=log)
         results += got
+        total += trained
         if stop_after is not None:
             stop_after -= trained
             if stop_after <= 0 and len(got) < len(grid.variants):
                 break
-    return results
+    return results, total
 
 
 def with_seed(grid: Grid, seed: int) -> Grid:

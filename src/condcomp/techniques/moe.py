@@ -32,7 +32,9 @@ class MoESettings(Settings):
                                       help="per_sequence (each sequence on its own) and global (the whole batch) "
                                            "read future tokens: image models and encoders only")
     d_ff: int | None = setting(None, ge=1, help="hidden size of each expert; default: the dense FFN's")
-    activation: str = setting("gelu", choices=("gelu", "swiglu"))
+    activation: str = setting("swiglu", choices=("gelu", "swiglu"),
+                              help="of the experts and of the dense FFN in the other layers; in a grid, the base "
+                                   "model's dense FFN's unless the variant sets it")
     shared_expert_d_ff: int | None = setting(None, ge=1)
     moe_every: int = setting(1, ge=1, help="layer i is MoE when (i + 1) % moe_every == 0; others dense")
     layers: list[int] | None = setting(None, help="the MoE layers by index (from 0), instead of moe_every")
@@ -98,3 +100,19 @@ def build(*, model, settings: MoESettings, layer_idx: int) -> nn.Module:
     router = build_router(d_model=model.d_model, settings=settings)
     return MoE(d_model=model.d_model, d_ff=settings.d_ff or model.ffn_hidden, num_experts=settings.num_experts,
                router=router, activation=settings.activation, shared_expert_d_ff=settings.shared_expert_d_ff)
+
+
+registry.register_claim(
+    "moe.expert_choice_steps", statement="{variant} reaches {baseline}'s final loss in <= 0.5x the steps",
+    paper="Zhou et al., 2022: expert choice converges more than 2x faster than GShard top-2 in pretraining",
+    test="steps_to_loss", view="steps", ratio=0.5)
+registry.register_claim(
+    "moe.beats_dense_per_step", statement="{variant} ends below {baseline} at equal steps and equal active compute",
+    paper="Fedus et al., 2021 (Switch): at equal FLOPs per token, MoE beats dense per step (Switch-Base 7x "
+          "faster to T5-Base's quality)",
+    test="lower_loss", view="steps")
+registry.register_claim(
+    "moe.upcycled_beats_dense", statement="{variant} (upcycled) ends below {baseline} (dense, continued) at equal "
+                                          "training FLOPs",
+    paper="Komatsuzaki et al., 2022: sparse upcycling beats continued dense training for the same extra compute",
+    test="lower_loss", view="flops")

@@ -40,6 +40,7 @@ from condcomp.layers.traits import (aux_loss_names, calibrate_added_parameters, 
                                    set_training_progress)
 from condcomp.models import Transformer
 from condcomp.routing import RoutingError
+from condcomp.settings import changed_keys
 from condcomp.train import checkpoint as ckpt
 from condcomp.train.allocator import release_free_memory, tune_allocator
 from condcomp.train.metrics_log import MetricsLog
@@ -61,18 +62,6 @@ class TrainingInterrupted(TrainingError):
 
 # The schedule under its historical name (benchmarks and tests import it from here).
 lr_factor = warmup_cosine
-
-
-def _changed_keys(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    """Key paths whose values differ between two config mappings: "model.d_model: 256 -> 512"."""
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(_changed_keys(a, b, f"{prefix}{key}."))
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
 
 
 IGNORE = -100  # a target the losses skip (F.cross_entropy's ignore_index)
@@ -398,7 +387,7 @@ class Trainer:
         path = self._usable_checkpoint(existing) if resume is True else ckpt.resolve_checkpoint(resume)
         saved = config_from_saved(ckpt.read_config(path))
         if saved.model != self.cfg.model:
-            changed = _changed_keys(saved.model.to_dict(), self.cfg.model.to_dict(), "model.")
+            changed = changed_keys(saved.model.to_dict(), self.cfg.model.to_dict(), "model.")
             raise TrainingError(f"checkpoint {path} was trained with a different model config ({', '.join(changed[:4])}"
                                 f"{' ...' if len(changed) > 4 else ''}); resume with the config it was saved with, "
                                 "or leave --config out to use the run's own")
