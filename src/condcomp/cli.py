@@ -174,12 +174,19 @@ def _compare(args) -> int:
     grid = load_grid(args.grid, overrides)
     out = Path(args.out or Path("runs") / f"compare-{grid.name}")
     seeds = f", once per seed {grid.seeds}" if grid.seeds else ""
+    budgets = " and, in separate runs, ".join(f"{amount:.3g} {kind}" for kind, amount in grid.budgets)
     print(f"condcomp compare: {len(grid.variants)} variants ({', '.join(grid.variants)}), each trained to "
-          f"{grid.budget:.3g} {grid.budget_kind}{seeds}; results in {out} (re-run the same command to resume)")
+          f"{budgets}{seeds}; results in {out} (re-run the same command to resume)")
     results = run_grid(grid, out)
     md, page = write_report(grid, results, out)
     print()
     print(terminal_table(results))
+    if grid.claims:
+        from condcomp.compare.claims import evaluate_claims
+
+        print("\nthe papers' claims, checked on these runs:")
+        for row in evaluate_claims(grid, results):
+            print(f"- {row.statement} (equal {row.view}): {row.verdict.upper()}; {row.measured}\n    paper: {row.paper}")
     print(f"\nreport: {page}\n        {md}")
     return 0
 
