@@ -5,12 +5,13 @@
     md, html = write_report(grid, results, "runs/compare-full")
 
 grid.py reads grids; runner.py trains and measures variants; report.py writes the table, plots and
-pages; compute_map.py traces where each router sent the compute.
+pages; claims.py checks the papers' claims on the results; stats.py holds the seed statistics;
+routing_health.py reads routing over training; compute_map.py traces where each router sent the compute.
 """
 
 from condcomp.compare.grid import Grid, load_grid
-from condcomp.compare.report import terminal_table, write_report
-from condcomp.compare.runner import VariantResult, measure_variant, run_grid, train_variant
+from condcomp.compare.report import markdown_table, terminal_table, write_report
+from condcomp.compare.runner import VariantResult, finished_results, measure_variant, run_grid, train_variant
 
-__all__ = ["Grid", "VariantResult", "load_grid", "measure_variant", "run_grid", "terminal_table", "train_variant",
-           "write_report"]
+__all__ = ["Grid", "VariantResult", "finished_results", "load_grid", "markdown_table", "measure_variant", "run_grid",
+           "terminal_table", "train_variant", "write_report"]

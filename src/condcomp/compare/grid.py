@@ -118,6 +118,10 @@ class Grid:
         'moe'"); run folder and budget left out (they differ by design or not at all)."""
         if self.base is None:
             return []
+        if name in self.staged:  # its real config exists only once the stage does
+            own = ", ".join(self.staged[name]["own_keys"])
+            return [f"starts from grid stage {stage_of(self.staged[name]['config'])!r} (its model and techniques)"
+                    + (f"; sets {own}" if own else "")]
         base, mine = self.base.to_dict(), self.variants[name].to_dict()
         for cfg in (base, mine):
             cfg.pop("run_dir", None)

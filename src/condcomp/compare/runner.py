@@ -239,6 +239,23 @@ def _run_seeds(grid: Grid, out: Path, *, stop_after: int | None, infer_time: flo
     return results, total
 
 
+def finished_results(grid: Grid, out_dir: str | Path) -> list[VariantResult]:
+    """The results of every run of the grid that finished under ``out_dir``, in run_grid's order,
+    without training or building anything."""
+    out = Path(out_dir)
+    results = []
+    for view in grid.views or [None]:
+        for seed in grid.seeds or [None]:
+            folder = out / (view or "") / (f"seed-{seed}" if seed is not None else "") / "variants"
+            for name in grid.variants:
+                done = folder / name / "result.json"
+                if done.is_file():
+                    r = VariantResult(**json.loads(done.read_text()))
+                    r.view = view
+                    results.append(r)
+    return results
+
+
 def with_seed(grid: Grid, seed: int) -> Grid:
     """The grid with every variant's and every trained stage's ``train.seed`` set to ``seed``."""
     g = copy.deepcopy(grid)
