@@ -35,10 +35,10 @@ from condcomp.distributed import (DistributedError, Runtime, clip_grad_norm, ful
 from condcomp.distributed.fsdp import (GIB, check_memory_limit, clip_grad_norm_sharded, local_state_memory,
                                        shard_model, sync_buffers)
 from condcomp.flops import flop_counter
-from condcomp.recompute import count_recomputed_flops
 from condcomp.layers.traits import (aux_loss_names, calibrate_added_parameters, prompt_length, selects_tokens,
                                    set_training_progress)
 from condcomp.models import Transformer
+from condcomp.recompute import count_recomputed_flops
 from condcomp.routing import RoutingError
 from condcomp.settings import changed_keys
 from condcomp.train import checkpoint as ckpt
