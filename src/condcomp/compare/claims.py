@@ -118,7 +118,9 @@ def _steps_to_loss(mine: dict, theirs: dict, ratio: float) -> tuple[str, str]:
         return "no seed in common", NOT_HELD
     if any(math.isinf(r) for r in ratios):
         missed = sum(math.isinf(r) for r in ratios)
-        return (f"did not reach the baseline's final loss in {missed} of {len(ratios)} seed(s)",
+        reached = ", ".join(f"{r:.2f}x" for r in ratios if not math.isinf(r))
+        return (f"did not reach the baseline's final loss within its budget in {missed} of {len(ratios)} seed(s)"
+                + (f"; the others at {reached} the steps" if reached else "") + f" (claim: <= {ratio:g}x)",
                 NOT_HELD + (" (one seed)" if len(ratios) == 1 else ""))
     est = estimate(ratios)
     if est.n == 1:
