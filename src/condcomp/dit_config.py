@@ -22,13 +22,16 @@ from condcomp.techniques.moe import MoESettings
 @dataclass
 class DiTMoESettings(MoESettings):
     """``model.moe`` of a DiT: the LM's MoE settings with EC-DiT's defaults (expert choice per image,
-    capacity factor 2); ``router: top_k`` gives the token-choice baseline."""
+    capacity factor 2, GELU experts like the DiT's dense FFN); ``router: top_k`` gives the token-choice
+    baseline."""
 
     router: str = setting("expert_choice", choices=("top_k", "expert_choice"))
     capacity_factor: float | None = setting(2.0, gt=0.0, help="expert choice: slots per expert = factor x patches "
                                                               "/ experts; top_k: null = dropless")
     expert_choice_mode: str = setting("per_sequence", choices=("per_sequence", "global", "per_position"),
                                       help="per_sequence: each image's patches are ranked on their own (batch-invariant)")
+    activation: str = setting("gelu", choices=("gelu", "swiglu"),
+                              help="of the experts: GELU like the DiT's default dense FFN (ffn: gelu), as in EC-DiT")
 
 
 @dataclass
