@@ -20,6 +20,7 @@ from condcomp.train.checkpoint import list_checkpoints, read_weights, verify_che
 
 from conftest import tiny_overrides
 from dist_workers import free_port, run_ranks
+from test_distributed import assert_same_training
 
 # Dropless top-2 without aux losses: each token's treatment depends on its own sequence only, so the
 # sharded run must match one process exactly (up to float summation order).
@@ -55,13 +56,6 @@ def train_single(overrides, until=None, resume=False) -> dict:
     result = trainer.train(until=until)
     return {"losses": result.losses, "state": full_weights(trainer), "step": result.step, "val_bpb": result.val_bpb,
             "memory": trainer.state_memory}
-
-
-def assert_same_training(got: dict, want: dict, tol: float) -> None:
-    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=tol, atol=tol)
-    assert got["state"].keys() == want["state"].keys()
-    for name, value in want["state"].items():
-        torch.testing.assert_close(got["state"][name], value, rtol=tol, atol=tol, msg=name)
 
 
 def single_args(args: list[str]) -> list[str]:
