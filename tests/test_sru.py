@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 from condcomp.config import ConfigError, ModelConfig
 from condcomp.techniques.sru import RecurrenceSettings
 from condcomp.layers import SRU, SRUpp
+from condcomp.layers import sru_native
 from condcomp.layers.sru_recurrence import sru_recurrence
 from condcomp.models import Transformer
 
@@ -36,10 +39,26 @@ def copy_with_reference_path(model):
 
 @pytest.fixture(params=[64, 3], ids=["one-chunk", "chunks-of-3"])
 def chunk(request, monkeypatch):
-    """Run the fused path with its default chunk and with chunks of 3 steps (chunk edges inside)."""
+    """Run the PyTorch fused path with its default chunk and with chunks of 3 steps (chunk edges inside)."""
     import condcomp.layers.sru_recurrence as rec
 
     monkeypatch.setattr(rec, "CHUNK", request.param)
+    return request.param
+
+
+@pytest.fixture(params=["native", "pytorch-one-chunk", "pytorch-chunks-of-3"])
+def fast_path(request, monkeypatch):
+    """Each fast path a float32 CPU recurrence can take: the compiled kernel and the PyTorch path
+    (default chunk and chunks of 3 steps)."""
+    import condcomp.layers.sru_recurrence as rec
+
+    if request.param == "native":
+        if sru_native.kernel() is None:
+            pytest.skip("no C compiler here: the compiled kernel cannot be built")
+        monkeypatch.setattr(rec, "NATIVE", "auto")
+    else:
+        monkeypatch.setattr(rec, "NATIVE", "never")
+        monkeypatch.setattr(rec, "CHUNK", 3 if request.param.endswith("3") else 64)
     return request.param
 
 
@@ -51,7 +70,7 @@ def test_fused_recurrence_float64_gradcheck(masked, chunk):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_fused_recurrence_equals_reference_on_outputs_states_and_gradients(masked, chunk):
+def test_fused_recurrence_equals_reference_on_outputs_states_and_gradients(masked, fast_path):
     args = recurrence_inputs(t=40, b=4, d=16, dtype=torch.float32)
     real = ragged_mask(40, 4) if masked else None
     h, c = sru_recurrence(*args, real)
@@ -64,6 +83,73 @@ def test_fused_recurrence_equals_reference_on_outputs_states_and_gradients(maske
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
 
 
+needs_kernel = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                  reason="no C compiler: the PyTorch path runs instead")
+
+
+@needs_kernel
+def test_kernel_builds_once_into_the_cache_and_loads_from_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONDCOMP_CACHE", str(tmp_path))
+    monkeypatch.setattr(sru_native, "_state", {})
+    assert sru_native.kernel() is not None
+    built = list(tmp_path.glob("sru_kernel-*.so"))
+    assert built == [sru_native.library_path()]
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(sru_native, "_state", {})          # a new process: loads, does not rebuild
+    assert sru_native.kernel() is not None and built[0].stat().st_mtime_ns == stamp
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_without_a_working_compiler_the_pytorch_path_runs_with_a_warning(tmp_path, monkeypatch):
+    import condcomp.layers.sru_recurrence as rec
+
+    monkeypatch.setenv("CONDCOMP_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")                       # a "compiler" that always fails
+    monkeypatch.setattr(sru_native, "_state", {})
+    args = recurrence_inputs(t=6, b=2, d=4, dtype=torch.float32)
+    with pytest.warns(UserWarning, match="compiled kernel is unavailable"):
+        h, c = sru_recurrence(*args)
+    assert not rec._use_native(args[0])
+    h_ref, c_ref = sru_recurrence(*args, fast=False)
+    assert torch.allclose(h, h_ref, atol=1e-5) and torch.allclose(c, c_ref, atol=1e-5)
+    monkeypatch.setenv("CONDCOMP_NATIVE", "0")              # switched off: no build is tried, no warning
+    monkeypatch.setattr(sru_native, "_state", {})
+    assert sru_native.kernel() is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("mask", ["none", "per-step", "per-channel"])
+def test_kernel_equals_pytorch_path_on_strided_inputs_and_masks(mask, monkeypatch):
+    """u as a view into a wider projection (as the layer passes it), odd widths, both mask forms."""
+    import condcomp.layers.sru_recurrence as rec
+
+    g = torch.Generator().manual_seed(7)
+    t, b, d = 33, 3, 70                                      # d not a multiple of the kernel's block
+    u = torch.randn(t, b, 4, d, generator=g)[:, :, 1:].requires_grad_(True)
+    rest = [torch.randn(*s, generator=g).requires_grad_(True) for s in [(t, b, d), (2, d), (2, d), (b, d)]]
+    real = {"none": None, "per-step": torch.rand(t, b, generator=g) > 0.3,
+            "per-channel": torch.rand(t, b, d, generator=g) > 0.3}[mask]
+    gh, gc = torch.randn(t, b, d, generator=g), torch.randn(b, d, generator=g)
+    results = {}
+    for backend in ("auto", "never"):
+        monkeypatch.setattr(rec, "NATIVE", backend)
+        assert rec._use_native(u) == (backend == "auto")
+        h, c = sru_recurrence(u, *rest, real)
+        grads = torch.autograd.grad((h * gh).sum() + (c * gc).sum(), [u, *rest])
+        results[backend] = (h, c, *grads)
+    for a, b_ in zip(results["auto"], results["never"]):
+        assert torch.allclose(a, b_, atol=1e-5, rtol=1e-4), (a - b_).abs().max()
+
+
+@needs_kernel
+def test_kernel_propagates_nan():
+    args = recurrence_inputs(t=5, b=2, d=20, dtype=torch.float32)
+    with torch.no_grad():
+        args[0][2, 1, 1, 3] = float("nan")
+    h, c = sru_recurrence(*args)
+    assert h[2:, 1, 3].isnan().all() and c[1, 3].isnan() and not h[:, 0].isnan().any()
+
+
 LAYER_CASES = [
     dict(input_size=8, hidden_size=8),                                 # highway adds the input
     dict(input_size=6, hidden_size=8),                                 # highway projection (k = 4)
@@ -74,7 +160,7 @@ LAYER_CASES = [
 
 @pytest.mark.parametrize("options", LAYER_CASES)
 @pytest.mark.parametrize("masked", [False, True])
-def test_sru_fast_path_equals_reference_path_including_all_gradients(options, masked, chunk):
+def test_sru_fast_path_equals_reference_path_including_all_gradients(options, masked, fast_path):
     torch.manual_seed(0)
     model = SRU(num_layers=2, **options)
     x = torch.randn(12, 3, options["input_size"], requires_grad=True)

@@ -17,6 +17,10 @@ gradient of u is written into one [T, batch, 3, d] tensor (no per-slice scatter 
 intermediates are updated in place where they are not needed again. Both directions work through
 the sequence in chunks of CHUNK steps, so each chunk's tensors stay in cache.
 
+On the CPU in float32 a compiled kernel (sru_native, built on first use) runs both directions
+instead: one pass over time per direction with every gate computed in registers. NATIVE = "never"
+selects the PyTorch path above (the benchmark's comparison row and the fallback).
+
 Padding (real [T, batch] or [T, batch, d] bool, False = padded) leaves the cell unchanged and outputs 0, so a
 sequence's final cell is the one after its last real step. The fast path does this by forcing
 f = 1 and ux = 0 on padded steps (c = lerp(0, c, 1) = c exactly).
@@ -26,6 +30,10 @@ from __future__ import annotations
 
 import torch
 
+from condcomp.layers import sru_native
+
+NATIVE = "auto"
+""""auto": the compiled kernel for float32 CPU recurrences when it builds; "never": the PyTorch path."""
 
 CHUNK = 64
 """Time steps per chunk: the vectorised work runs chunk by chunk so that a chunk's tensors
@@ -119,6 +127,28 @@ class _SRURecurrence(torch.autograd.Function):
         return du, d_xs, dv, du[:, :, 1:].sum((0, 1)), carry, None
 
 
+class _NativeSRURecurrence(torch.autograd.Function):
+    """The same function as _SRURecurrence, computed by the compiled kernel (float32, CPU)."""
+
+    @staticmethod
+    def forward(ctx, u, xs, v, b, c0, real):
+        h, cells = sru_native.forward(u, xs, v, b, c0, real)
+        ctx.save_for_backward(u, xs, v, b, c0, real, cells)
+        return h, cells[-1].clone()
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_c_last):
+        u, xs, v, b, c0, real, cells = ctx.saved_tensors
+        if grad_h is None:
+            grad_h = torch.zeros_like(xs)
+        du, d_xs, dv, db, dc0 = sru_native.backward(u, xs, v, b, c0, real, cells, grad_h, grad_c_last)
+        return du, d_xs, dv, db, dc0, None
+
+
+def _use_native(u) -> bool:
+    return NATIVE != "never" and sru_native.applies(u) and sru_native.kernel() is not None
+
+
 def sru_recurrence(u, xs, v, b, c0, real=None, *, fast: bool = True):
     """Run the recurrence.
 
@@ -135,6 +165,8 @@ def sru_recurrence(u, xs, v, b, c0, real=None, *, fast: bool = True):
         if real.dim() == 2:
             real = real[..., None]
     with torch.autocast(u.device.type, enabled=False):
+        if fast and _use_native(u):
+            return _NativeSRURecurrence.apply(u, xs, v, b, c0, real)
         if fast:
             return _SRURecurrence.apply(u, xs, v, b, c0, real)
         return sru_recurrence_reference(u, xs, v, b, c0, real)
