@@ -295,3 +295,35 @@ def test_weighted_scatter_matches_plain_ops_and_gradchecks():
     grad = torch.randn(5, 3, dtype=torch.float64, generator=g)
     torch.testing.assert_close(torch.autograd.grad(fast, (ys, w), grad), torch.autograd.grad(ref, (ys, w), grad))
     assert torch.autograd.gradcheck(lambda a, b: WeightedScatter.apply(a, b, index, 5), (ys, w))
+
+
+@settings(max_examples=200, deadline=None)
+@given(m=st.integers(0, 200_000))
+def test_size_class_pads_little_and_is_a_fixed_point(m):
+    from condcomp.dispatch import grouped
+
+    c = grouped.size_class(m)
+    assert m <= c < m + max(grouped.SIZE_CLASS_MIN, m / 2**grouped.SIZE_CLASS_BITS)
+    assert grouped.size_class(c) == c
+
+
+def test_size_classes_make_group_shapes_repeat():
+    from condcomp.dispatch import grouped
+
+    assert len({grouped.size_class(m) for m in range(1025, 2049)}) == 2**grouped.SIZE_CLASS_BITS
+
+
+@pytest.mark.parametrize("cf", [1.25, None])
+def test_size_class_padding_leaves_outputs_and_gradients_unchanged(cf, monkeypatch):
+    """Varying group sizes (top-2 of 6 at capacity 1.25, and dropless): the padded loop equals the
+    exact-size loop on outputs and on every gradient (padding rows carry weight 0)."""
+    from condcomp.dispatch import grouped
+
+    moe = make_moe(e=6, k=2, cf=cf, activation="swiglu", seed=3)
+    x = torch.randn(4, 50, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    sizes = moe.router(x).group_sizes.tolist()
+    assert any(grouped.size_class(m) != m for m in sizes)          # padding happens here
+    padded = grads(moe, x, lambda x: moe(x)[0])
+    monkeypatch.setattr(grouped, "SIZE_CLASS_BITS", None)
+    exact = grads(moe, x, lambda x: moe(x)[0])
+    assert_same(padded, exact)

@@ -12,6 +12,14 @@ pays, and then the group sizes are never read on the host, so dispatch never wai
 Otherwise the per-group loop, which needs the sizes on the host (one synchronisation): the path on
 CPU, where it is about as fast as the grouped GEMM (docs/benchmarks.md), and the fallback wherever
 the grouped kernel refuses the operands.
+
+Size classes (CPU loop): each group's run is padded to its size class (``size_class``: at most
+1/2**SIZE_CLASS_BITS more rows) with copies of token 0 that carry weight 0. Group sizes change every
+step as routing changes, and every new matmul shape costs resident memory that is never handed back:
+oneDNN caches a kernel (with its scratch space) per shape, and glibc's heap keeps holes of sizes the
+next step does not ask for. With size classes the shapes repeat (docs/benchmarks.md, "Resident
+memory"). The padded rows' outputs are multiplied by 0 and added to token 0, so the result and every
+gradient are those of the unpadded loop.
 """
 
 from __future__ import annotations
@@ -45,6 +53,44 @@ grouped GEMM on CUDA), "always" (the grouped GEMM on any device) or "never" (the
 reference: tests and benchmarks)."""
 
 
+SIZE_CLASS_BITS = 4
+"""Size classes per doubling of the group size, as a power of two: 4 -> 16 classes, padding < 1/16.
+None turns size classes off (the loop runs the exact sizes)."""
+SIZE_CLASS_MIN = 16
+"""Groups are padded to a multiple of at least this many rows."""
+
+
+def size_class(m: int) -> int:
+    """The smallest size class >= m: a multiple of max(SIZE_CLASS_MIN, 2**(floor(log2 m) - BITS))."""
+    if SIZE_CLASS_BITS is None or m == 0:
+        return m
+    step = max(SIZE_CLASS_MIN, 1 << max(0, m.bit_length() - 1 - SIZE_CLASS_BITS))
+    return -(-m // step) * step
+
+
+def _pad_to_size_classes(routing: Routing, sizes: list[int]):
+    """(padded sizes, token index [a'], combine weights [a']) with every group padded to its size class:
+    pad rows index token 0 and weigh 0; real rows keep their order (and their weights' gradients)."""
+    padded = sizes if routing.tokens_per_sequence is not None else [size_class(m) for m in sizes]
+    if padded == sizes:  # fixed-size selections repeat their shapes already
+        return sizes, routing.token_index, routing.combine_weights
+    device = routing.token_index.device
+    shift = torch.tensor([p0 - r0 for p0, r0 in zip(_starts(padded), _starts(sizes))], device=device)
+    position = torch.arange(routing.token_index.numel(), device=device) + shift[routing.group_of_assignment()]
+    total = sum(padded)
+    index = routing.token_index.new_zeros(total).index_copy_(0, position, routing.token_index)
+    weights = routing.combine_weights.new_zeros(total).index_copy(0, position, routing.combine_weights)
+    return padded, index, weights
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    out, total = [], 0
+    for m in sizes:
+        out.append(total)
+        total += m
+    return out
+
+
 def use_grouped(x: torch.Tensor, group_fn) -> bool:
     if not hasattr(group_fn, "grouped") or GROUPED == "never":
         return False
@@ -59,19 +105,21 @@ def dispatch(x: torch.Tensor, routing: Routing, group_fn: GroupFn, d_out: int | 
     """
     if x.shape[0] != routing.num_tokens:
         raise ValueError(f"x has {x.shape[0]} tokens but the routing was made for {routing.num_tokens}")
-    xs = x.index_select(0, routing.token_index)
     ys = None
     if GROUPED != "never" and routing.group_size is not None and hasattr(group_fn, "batched"):
+        xs = x.index_select(0, routing.token_index)
         ys = group_fn.batched(xs.view(routing.num_groups, routing.group_size, xs.shape[1])).flatten(0, 1)
     elif use_grouped(x, group_fn):
-        ys = group_fn.grouped(xs, routing.group_sizes)
+        ys = group_fn.grouped(x.index_select(0, routing.token_index), routing.group_sizes)
     if ys is not None:
         return WeightedScatter.apply(ys, routing.combine_weights, routing.token_index, x.shape[0])
-    outs = [group_fn(g, chunk) for g, chunk in enumerate(xs.split(routing.group_sizes.tolist())) if chunk.shape[0]]
+    sizes, index, weights = _pad_to_size_classes(routing, routing.group_sizes.tolist())
+    xs = x.index_select(0, index)
+    outs = [group_fn(g, chunk) for g, chunk in enumerate(xs.split(sizes)) if chunk.shape[0]]
     if not outs:
         return x.new_zeros(x.shape[0], d_out or x.shape[1])
     ys = torch.cat(outs) if len(outs) > 1 else outs[0]
-    return WeightedScatter.apply(ys, routing.combine_weights, routing.token_index, x.shape[0])
+    return WeightedScatter.apply(ys, weights, index, x.shape[0])
 
 
 def weighted_scatter_reference(ys: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:

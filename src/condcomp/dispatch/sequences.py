@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from condcomp.dispatch.grouped import WeightedScatter
+from condcomp.dispatch.grouped import WeightedScatter, size_class
 from condcomp.routing.types import Routing
 
 
@@ -46,7 +46,9 @@ def pack_sequences(routing: Routing, batch: int, seq: int) -> SequencePack:
                             all_valid=True)
     row = torch.div(idx, seq, rounding_mode="floor")
     counts = torch.bincount(row, minlength=batch)
-    m = int(counts.max()) if idx.numel() else 0
+    # Rows are padded to the longest row's size class, so the pack's shape repeats across steps
+    # (resident memory: grouped.py, "Size classes").
+    m = size_class(int(counts.max())) if idx.numel() else 0
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(idx.numel(), device=idx.device) - starts[row]
     index = torch.zeros(batch, m, dtype=torch.int64, device=idx.device)
