@@ -6,6 +6,11 @@ fp32; nn.LSTM / nn.GRU run their whole fused kernel in bf16). Ratios are against
 Goal: SRU forward+backward >= 3x faster than nn.LSTM at both lengths; time and activation memory
 linear in the sequence length; activation memory no more than nn.LSTM's.
 
+SRU rows: the compiled kernel (the default on CPU in float32, built before timing) and the PyTorch
+fused path it replaced (sru_recurrence.NATIVE = "never"). The physical limit printed under each
+table is SRU's matmul FLOPs (its input projections, forward and backward) at the plain-GEMM rate
+measured in the same run: no SRU implementation can be faster than that.
+
 Activation memory = bytes autograd saves for backward plus the output (condcomp.bench.saved_bytes).
 nn.LSTM / nn.GRU on CPU save through their own fused kernels, which the hook also sees.
 Rows are timed alternately, one call each per round (median of --rounds).
@@ -22,22 +27,40 @@ import torch
 from torch import nn
 
 from condcomp.bench import parameter_storages, saved_bytes
-from condcomp.bench.measure import timed_alternating
-from condcomp.layers import SRU
+from condcomp.bench.measure import gemm_rate, timed_alternating
+import condcomp.layers.sru_recurrence as sru_recurrence
+from condcomp.layers import SRU, sru_native
+
+KERNEL, PYTORCH = "condcomp SRU (compiled kernel)", "condcomp SRU (PyTorch fused)"
 
 
 def models(d: int, layers: int) -> dict[str, tuple[nn.Module, bool]]:
     """name -> (module, bf16 autocast)."""
     sru, lstm, gru = SRU(d, d, layers), nn.LSTM(d, d, layers), nn.GRU(d, d, layers)
-    rows = {"condcomp SRU (fused)": (sru, False), "condcomp SRU (fused), bf16": (sru, True),
-            "condcomp SRU (reference loop)": (SRU(d, d, layers, fast=False), False),
-            "torch.nn.LSTM": (lstm, False), "torch.nn.LSTM, bf16": (lstm, True),
-            "torch.nn.GRU": (gru, False), "torch.nn.GRU, bf16": (gru, True)}
+    rows = {}
+    if sru_native.kernel() is not None:                     # built now, before any timing
+        rows |= {KERNEL: (sru, False), f"{KERNEL}, bf16": (sru, True)}
+    rows |= {PYTORCH: (sru, False), f"{PYTORCH}, bf16": (sru, True),
+             "condcomp SRU (reference loop)": (SRU(d, d, layers, fast=False), False),
+             "torch.nn.LSTM": (lstm, False), "torch.nn.LSTM, bf16": (lstm, True),
+             "torch.nn.GRU": (gru, False), "torch.nn.GRU, bf16": (gru, True)}
     if importlib.util.find_spec("sru") is not None:
         import sru as sru_package  # noqa: PLC0415 - optional peer; compiles its own extension when imported
 
         rows["sru package"] = (sru_package.SRU(d, d, num_layers=layers), False)
+        rows["sru package, bf16"] = (rows["sru package"][0], True)
     return rows
+
+
+def backend(name: str):
+    """The recurrence backend a row runs: PyTorch rows switch the compiled kernel off."""
+    return "never" if name.startswith(PYTORCH) else "auto"
+
+
+def sru_matmul_flops(t: int, batch: int, d: int, layers: int) -> float:
+    """SRU's matmul FLOPs for forward+backward: per layer one d -> 3d projection of every token,
+    whose backward costs two more matmuls of the same size."""
+    return 3 * layers * 2 * t * batch * d * 3 * d
 
 
 def main() -> None:
@@ -61,36 +84,47 @@ def main() -> None:
         x = torch.randn(t, args.batch, args.d)
         xg = x.clone().requires_grad_(True)
 
-        def fwd(m, bf16):
+        def fwd(name, m, bf16):
             def run():
+                sru_recurrence.NATIVE = backend(name)
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     m(x)
             return run
 
-        def both(m, bf16):
+        def both(name, m, bf16):
             def run():
+                sru_recurrence.NATIVE = backend(name)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     out = m(xg)[0]
                 out.float().sum().backward()
             return run
 
-        def saved(m, bf16):
+        def saved(name, m, bf16):
             def run():
+                sru_recurrence.NATIVE = backend(name)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     return m(xg)[0]
             return saved_bytes(run, params)
 
-        f = timed_alternating({n: fwd(*mb) for n, mb in rows.items()}, args.rounds)
-        fb = timed_alternating({n: both(*mb) for n, mb in rows.items()}, args.rounds)
-        mem = {n: saved(*mb) for n, mb in rows.items()}
+        rates = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
+        f = timed_alternating({n: fwd(n, *mb) for n, mb in rows.items()}, args.rounds)
+        fb = timed_alternating({n: both(n, *mb) for n, mb in rows.items()}, args.rounds)
+        mem = {n: saved(n, *mb) for n, mb in rows.items()}
+        sru_recurrence.NATIVE = "auto"
         results[t] = (f, fb, mem)
         lstm = "torch.nn.LSTM"
         print(f"seq {t}")
-        print(f"| model | fwd ms | LSTM / this | fwd+bwd ms | LSTM / this | act MiB | this / LSTM |")
+        print("| model | fwd ms | LSTM / this | fwd+bwd ms | LSTM / this | act MiB | this / LSTM |")
         print("|---|---|---|---|---|---|---|")
         for n in rows:
             print(f"| {n} | {f[n] * 1e3:.1f} | {f[lstm] / f[n]:.2f}x | {fb[n] * 1e3:.1f} | {fb[lstm] / fb[n]:.2f}x | "
                   f"{mem[n] / 2**20:.1f} | {mem[n] / mem[lstm]:.2f}x |")
+        flops = sru_matmul_flops(t, args.batch, args.d, args.layers)
+        for kind, rate in rates.items():
+            floor = flops / rate
+            print(f"physical limit, {kind}: SRU's {flops / 1e9:.2f} GFLOP of matmuls at the plain-GEMM rate "
+                  f"({rate / 1e9:.0f} GFLOP/s, same run) take {floor * 1e3:.1f} ms fwd+bwd = "
+                  f"{fb[lstm] / floor:.2f}x faster than fp32 nn.LSTM at best")
         print(flush=True)
     if len(args.lengths) > 1:
         a, b = args.lengths[0], args.lengths[-1]

@@ -142,6 +142,29 @@ def test_kernel_equals_pytorch_path_on_strided_inputs_and_masks(mask, monkeypatc
 
 
 @needs_kernel
+def test_kernel_reads_bf16_projections_without_a_float32_copy_and_returns_their_gradient_in_bf16(monkeypatch):
+    """Under autocast the projection u is bf16: the kernel reads it as is and computes in float32, so
+    it equals the PyTorch path on u.float(); du comes back in bf16 (rounded from the same float32)."""
+    import condcomp.layers.sru_recurrence as rec
+
+    args = recurrence_inputs(t=30, b=3, d=40, dtype=torch.float32, seed=5)
+    u16 = args[0].detach().bfloat16().requires_grad_(True)
+    u32 = u16.detach().float().requires_grad_(True)
+    gh, gc = torch.randn(30, 3, 40), torch.randn(3, 40)
+    monkeypatch.setattr(rec, "NATIVE", "auto")
+    h, c = sru_recurrence(u16, *args[1:])
+    du16, *rest16 = torch.autograd.grad((h * gh).sum() + (c * gc).sum(), [u16, *args[1:]])
+    monkeypatch.setattr(rec, "NATIVE", "never")
+    h_ref, c_ref = sru_recurrence(u32, *args[1:])
+    du32, *rest32 = torch.autograd.grad((h_ref * gh).sum() + (c_ref * gc).sum(), [u32, *args[1:]])
+    assert h.dtype == torch.float32 and du16.dtype == torch.bfloat16
+    assert torch.allclose(h, h_ref, atol=1e-5) and torch.allclose(c, c_ref, atol=1e-5)
+    assert torch.equal(du16, du32.bfloat16()) or torch.allclose(du16.float(), du32, rtol=8e-3, atol=1e-5)
+    for a, b_ in zip(rest16, rest32):
+        assert torch.allclose(a, b_, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
 def test_kernel_propagates_nan():
     args = recurrence_inputs(t=5, b=2, d=20, dtype=torch.float32)
     with torch.no_grad():

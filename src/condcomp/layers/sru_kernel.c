@@ -5,12 +5,16 @@
  * fallback and the reference it is tested against.
  *
  * Every (batch row, channel) is an independent recurrence over time, so the work is split into
- * tasks of one batch row and BLOCK channels; each task runs all time steps with its cells held in a
- * small local array, and the channel loop vectorises (the compiler's SIMD sigmoid). Threads take
- * contiguous ranges of tasks.
+ * tasks of one batch row and BLOCK channels, and threads take contiguous ranges of tasks. A thread
+ * walks time in the outer loop and its tasks in the inner one, so at each step it reads and writes
+ * one contiguous stretch of every [T, B, ...] tensor (streams the prefetcher follows, rather than
+ * one short strided run per task); its recurrent state (cells, or the backward's carry and sums)
+ * stays in a small buffer. The channel loop vectorises (the compiler's SIMD sigmoid).
  *
  * Shapes (element strides; the channel stride is 1 everywhere):
- *   u      [T, B, 3, d]  candidate, forget and reset pre-activations  (strides u_t, u_b, u_k)
+ *   u      [T, B, 3, d]  candidate, forget and reset pre-activations  (strides u_t, u_b, u_k);
+ *                        float32, or bfloat16 when u_bf16 (the projection's output under autocast:
+ *                        read as is, so no float32 copy is made; du is then written in bfloat16 too)
  *   xs     [T, B, d]     highway input                                 (strides x_t, x_b)
  *   v, b   [2, d]        recurrent weights and biases (forget, reset), contiguous
  *   c0     [B, d]        contiguous
@@ -20,34 +24,67 @@
  * [B, 2, d] (per batch row; the caller sums over rows).
  */
 #include <math.h>
-#include <pthread.h>
+#include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define BLOCK 64
 
 typedef struct {
     int64_t T, B, d;
-    const float *u; int64_t u_t, u_b, u_k;
+    const void *u; int64_t u_t, u_b, u_k; int u_bf16;
     const float *xs; int64_t x_t, x_b;
     const float *v, *bias, *c0;
     const uint8_t *real; int64_t m_t, m_b;
     float *h, *cells;
     const float *grad_h, *grad_c_last;
-    float *du, *d_xs, *dc0, *dv_rows, *db_rows;
+    void *du; float *d_xs, *dc0, *dv_rows, *db_rows;
     int64_t task_begin, task_end;
 } Job;
 
 static inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-static void forward_task(const Job *j, int64_t b, int64_t i0, int64_t n) {
+static inline float from_bf16(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) {  /* round to nearest even, as PyTorch does; NaN stays NaN */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* The three pre-activations of one task at step t, as float32 pointers (into u, or into buf when
+ * u is bfloat16). */
+static void load_u(const Job *j, int64_t t, int64_t b, int64_t i0, int64_t n, float buf[3][BLOCK],
+                   const float **ux, const float **uf, const float **ur) {
+    const int64_t at = t * j->u_t + b * j->u_b + i0;
+    if (j->u_bf16) {
+        const uint16_t *u = (const uint16_t *)j->u + at;
+        for (int k = 0; k < 3; k++)
+#pragma omp simd
+            for (int64_t i = 0; i < n; i++) buf[k][i] = from_bf16(u[k * j->u_k + i]);
+        *ux = buf[0], *uf = buf[1], *ur = buf[2];
+    } else {
+        const float *u = (const float *)j->u + at;
+        *ux = u, *uf = u + j->u_k, *ur = u + 2 * j->u_k;
+    }
+}
+
+/* One time step of one task; c [n]: the task's cells, updated in place. */
+static void forward_step(const Job *j, int64_t t, int64_t b, int64_t i0, int64_t n, float *restrict c) {
     const int64_t d = j->d;
     const float *vf = j->v + i0, *vr = j->v + d + i0, *bf = j->bias + i0, *br = j->bias + d + i0;
-    float c[BLOCK];
-    for (int64_t i = 0; i < n; i++) c[i] = j->c0[b * d + i0 + i];
-    for (int64_t t = 0; t < j->T; t++) {
-        const float *u = j->u + t * j->u_t + b * j->u_b + i0;
-        const float *ux = u, *uf = u + j->u_k, *ur = u + 2 * j->u_k;
+    {
+        float ubuf[3][BLOCK];
+        const float *ux, *uf, *ur;
+        load_u(j, t, b, i0, n, ubuf, &ux, &uf, &ur);
         const float *xs = j->xs + t * j->x_t + b * j->x_b + i0;
         float *cell = j->cells + (t * j->B + b) * d + i0, *h = j->h + (t * j->B + b) * d + i0;
         if (j->real) {
@@ -78,22 +115,24 @@ static void forward_task(const Job *j, int64_t b, int64_t i0, int64_t n) {
     }
 }
 
-static void backward_task(const Job *j, int64_t b, int64_t i0, int64_t n) {
+/* One time step (walking backwards) of one task; state [5][BLOCK]: dL/dc carried to the previous
+ * step, then the running sums for dv_f, dv_r, db_f, db_r. */
+static void backward_step(const Job *j, int64_t t, int64_t b, int64_t i0, int64_t n, float *restrict state) {
     const int64_t d = j->d;
     const float *vf = j->v + i0, *vr = j->v + d + i0, *bf = j->bias + i0, *br = j->bias + d + i0;
-    float carry[BLOCK], acc_vf[BLOCK], acc_vr[BLOCK], acc_bf[BLOCK], acc_br[BLOCK];
-    for (int64_t i = 0; i < n; i++) {
-        carry[i] = j->grad_c_last ? j->grad_c_last[b * d + i0 + i] : 0.0f;
-        acc_vf[i] = acc_vr[i] = acc_bf[i] = acc_br[i] = 0.0f;
-    }
-    for (int64_t t = j->T - 1; t >= 0; t--) {
-        const float *u = j->u + t * j->u_t + b * j->u_b + i0;
-        const float *ux = u, *uf = u + j->u_k, *ur = u + 2 * j->u_k;
+    float *restrict carry = state, *restrict acc_vf = state + BLOCK, *restrict acc_vr = state + 2 * BLOCK;
+    float *restrict acc_bf = state + 3 * BLOCK, *restrict acc_br = state + 4 * BLOCK;
+    {
+        float ubuf[3][BLOCK], dbuf[3][BLOCK];
+        const float *ux, *uf, *ur;
+        load_u(j, t, b, i0, n, ubuf, &ux, &uf, &ur);
         const float *xs = j->xs + t * j->x_t + b * j->x_b + i0;
         const int64_t row = (t * j->B + b) * d + i0;
         const float *cn_ = j->cells + row, *gh_ = j->grad_h + row;
         const float *cp_ = t > 0 ? j->cells + row - j->B * d : j->c0 + b * d + i0;
-        float *dux = j->du + (t * j->B + b) * 3 * d + i0, *dfp = dux + d, *drp = dux + 2 * d;
+        const int64_t du_at = (t * j->B + b) * 3 * d + i0;
+        float *dux = j->u_bf16 ? dbuf[0] : (float *)j->du + du_at;
+        float *dfp = j->u_bf16 ? dbuf[1] : dux + d, *drp = j->u_bf16 ? dbuf[2] : dux + 2 * d;
         float *dxs = j->d_xs + row;
         if (j->real) {
             const uint8_t *m = j->real + t * j->m_t + b * j->m_b + i0;
@@ -139,81 +178,113 @@ static void backward_task(const Job *j, int64_t b, int64_t i0, int64_t n) {
                 acc_br[i] += g_r;
             }
         }
+        if (j->u_bf16) {
+            uint16_t *du = (uint16_t *)j->du + du_at;
+            for (int k = 0; k < 3; k++)
+#pragma omp simd
+                for (int64_t i = 0; i < n; i++) du[k * d + i] = to_bf16(dbuf[k][i]);
+        }
     }
-    for (int64_t i = 0; i < n; i++) {
-        j->dc0[b * d + i0 + i] = carry[i];
-        j->dv_rows[b * 2 * d + i0 + i] = acc_vf[i];
-        j->dv_rows[b * 2 * d + d + i0 + i] = acc_vr[i];
-        j->db_rows[b * 2 * d + i0 + i] = acc_bf[i];
-        j->db_rows[b * 2 * d + d + i0 + i] = acc_br[i];
-    }
+}
+
+static void task_of(const Job *j, int64_t k, int64_t *b, int64_t *i0, int64_t *n) {
+    const int64_t blocks = (j->d + BLOCK - 1) / BLOCK;
+    *b = k / blocks;
+    *i0 = (k % blocks) * BLOCK;
+    *n = j->d - *i0 < BLOCK ? j->d - *i0 : BLOCK;
 }
 
 static void *run_forward(void *arg) {
     const Job *j = (const Job *)arg;
-    const int64_t blocks = (j->d + BLOCK - 1) / BLOCK;
-    for (int64_t k = j->task_begin; k < j->task_end; k++) {
-        const int64_t b = k / blocks, i0 = (k % blocks) * BLOCK;
-        forward_task(j, b, i0, j->d - i0 < BLOCK ? j->d - i0 : BLOCK);
+    const int64_t count = j->task_end - j->task_begin;
+    float *c = malloc(sizeof(float) * BLOCK * (count > 0 ? count : 1));
+    if (!c) return (void *)1;
+    for (int64_t k = 0; k < count; k++) {
+        int64_t b, i0, n;
+        task_of(j, j->task_begin + k, &b, &i0, &n);
+        for (int64_t i = 0; i < n; i++) c[k * BLOCK + i] = j->c0[b * j->d + i0 + i];
     }
+    for (int64_t t = 0; t < j->T; t++)
+        for (int64_t k = 0; k < count; k++) {
+            int64_t b, i0, n;
+            task_of(j, j->task_begin + k, &b, &i0, &n);
+            forward_step(j, t, b, i0, n, c + k * BLOCK);
+        }
+    free(c);
     return NULL;
 }
 
 static void *run_backward(void *arg) {
     const Job *j = (const Job *)arg;
-    const int64_t blocks = (j->d + BLOCK - 1) / BLOCK;
-    for (int64_t k = j->task_begin; k < j->task_end; k++) {
-        const int64_t b = k / blocks, i0 = (k % blocks) * BLOCK;
-        backward_task(j, b, i0, j->d - i0 < BLOCK ? j->d - i0 : BLOCK);
+    const int64_t count = j->task_end - j->task_begin, d = j->d;
+    float *state = calloc((size_t)5 * BLOCK * (count > 0 ? count : 1), sizeof(float));
+    if (!state) return (void *)1;
+    for (int64_t k = 0; k < count; k++) {
+        int64_t b, i0, n;
+        task_of(j, j->task_begin + k, &b, &i0, &n);
+        if (j->grad_c_last)
+            for (int64_t i = 0; i < n; i++) state[k * 5 * BLOCK + i] = j->grad_c_last[b * d + i0 + i];
     }
+    for (int64_t t = j->T - 1; t >= 0; t--)
+        for (int64_t k = 0; k < count; k++) {
+            int64_t b, i0, n;
+            task_of(j, j->task_begin + k, &b, &i0, &n);
+            backward_step(j, t, b, i0, n, state + k * 5 * BLOCK);
+        }
+    for (int64_t k = 0; k < count; k++) {
+        int64_t b, i0, n;
+        task_of(j, j->task_begin + k, &b, &i0, &n);
+        const float *st = state + k * 5 * BLOCK;
+        for (int64_t i = 0; i < n; i++) {
+            j->dc0[b * d + i0 + i] = st[i];
+            j->dv_rows[b * 2 * d + i0 + i] = st[BLOCK + i];
+            j->dv_rows[b * 2 * d + d + i0 + i] = st[2 * BLOCK + i];
+            j->db_rows[b * 2 * d + i0 + i] = st[3 * BLOCK + i];
+            j->db_rows[b * 2 * d + d + i0 + i] = st[4 * BLOCK + i];
+        }
+    }
+    free(state);
     return NULL;
 }
 
-#define MAX_THREADS 64
-
-/* Split the (row, block) tasks over n_threads threads (the caller's thread is one of them). */
+/* Split the (row, block) tasks over n_threads OpenMP threads. The kernel links libgomp by its
+ * soname, so inside a PyTorch process it shares PyTorch's (already loaded) OpenMP runtime and its
+ * worker threads: no second pool competing for the cores with PyTorch's spinning workers. */
 static int run_parallel(Job *job, int n_threads, void *(*fn)(void *)) {
     const int64_t tasks = job->B * ((job->d + BLOCK - 1) / BLOCK);
     if (n_threads < 1) n_threads = 1;
-    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
     if (n_threads > tasks) n_threads = (int)tasks;
-    Job jobs[MAX_THREADS];
-    pthread_t threads[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int k = 0; k < n_threads; k++) {
-        jobs[k] = *job;
-        jobs[k].task_begin = tasks * k / n_threads;
-        jobs[k].task_end = tasks * (k + 1) / n_threads;
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads) reduction(| : failed)
+    {
+        const int k = omp_get_thread_num(), n = omp_get_num_threads();
+        Job mine = *job;
+        mine.task_begin = tasks * k / n;
+        mine.task_end = tasks * (k + 1) / n;
+        failed |= fn(&mine) != NULL;
     }
-    for (int k = 1; k < n_threads; k++)
-        started[k] = pthread_create(&threads[k], NULL, fn, &jobs[k]) == 0;
-    fn(&jobs[0]);
-    for (int k = 1; k < n_threads; k++) {
-        if (started[k]) pthread_join(threads[k], NULL);
-        else fn(&jobs[k]);  /* no thread to be had: do its share here */
-    }
-    return 0;
+    return failed;
 }
 
 int sru_forward(int64_t T, int64_t B, int64_t d,
-                const float *u, int64_t u_t, int64_t u_b, int64_t u_k,
+                const void *u, int64_t u_t, int64_t u_b, int64_t u_k, int u_bf16,
                 const float *xs, int64_t x_t, int64_t x_b,
                 const float *v, const float *bias, const float *c0,
                 const uint8_t *real, int64_t m_t, int64_t m_b,
                 float *h, float *cells, int n_threads) {
-    Job job = {T, B, d, u, u_t, u_b, u_k, xs, x_t, x_b, v, bias, c0, real, m_t, m_b,
+    Job job = {T, B, d, u, u_t, u_b, u_k, u_bf16, xs, x_t, x_b, v, bias, c0, real, m_t, m_b,
                h, cells, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0};
     return run_parallel(&job, n_threads, run_forward);
 }
 
 int sru_backward(int64_t T, int64_t B, int64_t d,
-                 const float *u, int64_t u_t, int64_t u_b, int64_t u_k,
+                 const void *u, int64_t u_t, int64_t u_b, int64_t u_k, int u_bf16,
                  const float *xs, int64_t x_t, int64_t x_b,
                  const float *v, const float *bias, const float *c0,
                  const uint8_t *real, int64_t m_t, int64_t m_b,
                  const float *cells, const float *grad_h, const float *grad_c_last,
-                 float *du, float *d_xs, float *dc0, float *dv_rows, float *db_rows, int n_threads) {
-    Job job = {T, B, d, u, u_t, u_b, u_k, xs, x_t, x_b, v, bias, c0, real, m_t, m_b,
+                 void *du, float *d_xs, float *dc0, float *dv_rows, float *db_rows, int n_threads) {
+    Job job = {T, B, d, u, u_t, u_b, u_k, u_bf16, xs, x_t, x_b, v, bias, c0, real, m_t, m_b,
                NULL, (float *)cells, grad_h, grad_c_last, du, d_xs, dc0, dv_rows, db_rows, 0, 0};
     return run_parallel(&job, n_threads, run_backward);
 }

@@ -28,7 +28,7 @@ import torch
 SOURCE = Path(__file__).with_name("sru_kernel.c")
 # -ffast-math lets the compiler use its vectorised expf (libmvec); without it the sigmoid stays
 # scalar and the kernel is several times slower. The kernel never relies on inf/NaN comparisons.
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
 LIBS = ["-lmvec", "-lm"]
 
 _state: dict[str, object] = {}
@@ -84,7 +84,7 @@ def _load() -> ctypes.CDLL | None:
         warnings.warn(f"SRU's compiled kernel is unavailable ({e}); using the PyTorch path", stacklevel=3)
         return None
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    common = [i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64]
+    common = [i64, i64, i64, ptr, i64, i64, i64, cint, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64]
     lib.sru_forward.argtypes = [*common, ptr, ptr, cint]
     lib.sru_backward.argtypes = [*common, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, cint]
     lib.sru_forward.restype = lib.sru_backward.restype = cint
@@ -99,8 +99,8 @@ def kernel() -> ctypes.CDLL | None:
 
 
 def applies(u: torch.Tensor) -> bool:
-    """Whether the kernel can run this recurrence: float32 on the CPU, outside tracing."""
-    return (u.device.type == "cpu" and u.dtype == torch.float32 and not torch.jit.is_tracing()
+    """Whether the kernel can run this recurrence: u float32 or bfloat16 on the CPU, outside tracing."""
+    return (u.device.type == "cpu" and u.dtype in (torch.float32, torch.bfloat16) and not torch.jit.is_tracing()
             and type(u) is torch.Tensor)
 
 
@@ -109,12 +109,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _operands(u, xs, v, b, c0, real):
-    """Layout the kernel needs: channel stride 1 everywhere, v/b/c0 contiguous, the mask dense uint8."""
+    """Layout the kernel needs: u float32 or bfloat16 and everything else float32, channel stride 1
+    everywhere, v/b/c0 contiguous, the mask dense uint8."""
     if u.stride(-1) != 1:
         u = u.contiguous()
+    xs = xs.float()
     if xs.stride(-1) != 1:
         xs = xs.contiguous()
-    v, b, c0 = v.contiguous(), b.contiguous(), c0.contiguous()
+    v, b, c0 = (a.float().contiguous() for a in (v, b, c0))
     mask = None
     if real is not None:
         mask = real.expand(xs.shape).to(torch.uint8).contiguous()
@@ -123,7 +125,8 @@ def _operands(u, xs, v, b, c0, real):
 
 def _args(u, xs, v, b, c0, mask):
     t, batch, _, d = u.shape
-    return [t, batch, d, u.data_ptr(), u.stride(0), u.stride(1), u.stride(2), xs.data_ptr(), xs.stride(0),
+    return [t, batch, d, u.data_ptr(), u.stride(0), u.stride(1), u.stride(2), int(u.dtype == torch.bfloat16),
+            xs.data_ptr(), xs.stride(0),
             xs.stride(1), v.data_ptr(), b.data_ptr(), c0.data_ptr(), _ptr(mask),
             0 if mask is None else mask.stride(0), 0 if mask is None else mask.stride(1)]
 
@@ -133,20 +136,22 @@ def forward(u, xs, v, b, c0, real):
     lib = kernel()
     u, xs, v, b, c0, mask = _operands(u, xs, v, b, c0, real)
     h, cells = torch.empty(xs.shape), torch.empty(xs.shape)
-    lib.sru_forward(*_args(u, xs, v, b, c0, mask), h.data_ptr(), cells.data_ptr(), torch.get_num_threads())
+    if lib.sru_forward(*_args(u, xs, v, b, c0, mask), h.data_ptr(), cells.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("SRU kernel: out of memory for its per-thread state")
     return h, cells
 
 
 def backward(u, xs, v, b, c0, real, cells, grad_h, grad_c_last):
-    """du [T, batch, 3, d], d_xs [T, batch, d], dv [2, d], db [2, d], dc0 [batch, d]."""
+    """du [T, batch, 3, d] (u's dtype), d_xs [T, batch, d], dv [2, d], db [2, d], dc0 [batch, d] (float32)."""
     lib = kernel()
     u, xs, v, b, c0, mask = _operands(u, xs, v, b, c0, real)
     t, batch, _, d = u.shape
-    grad_h = grad_h.contiguous()
-    grad_c_last = None if grad_c_last is None else grad_c_last.contiguous()
-    du, d_xs = torch.empty(t, batch, 3, d), torch.empty(t, batch, d)
+    grad_h = grad_h.float().contiguous()
+    grad_c_last = None if grad_c_last is None else grad_c_last.float().contiguous()
+    du, d_xs = torch.empty(t, batch, 3, d, dtype=u.dtype), torch.empty(t, batch, d)
     dc0, dv_rows, db_rows = torch.empty(batch, d), torch.empty(batch, 2, d), torch.empty(batch, 2, d)
-    lib.sru_backward(*_args(u, xs, v, b, c0, mask), cells.data_ptr(), grad_h.data_ptr(), _ptr(grad_c_last),
-                     du.data_ptr(), d_xs.data_ptr(), dc0.data_ptr(), dv_rows.data_ptr(), db_rows.data_ptr(),
-                     torch.get_num_threads())
+    if lib.sru_backward(*_args(u, xs, v, b, c0, mask), cells.data_ptr(), grad_h.data_ptr(), _ptr(grad_c_last),
+                        du.data_ptr(), d_xs.data_ptr(), dc0.data_ptr(), dv_rows.data_ptr(), db_rows.data_ptr(),
+                        torch.get_num_threads()):
+        raise MemoryError("SRU kernel: out of memory for its per-thread state")
     return du, d_xs, dv_rows.sum(0), db_rows.sum(0), dc0

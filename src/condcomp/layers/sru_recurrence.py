@@ -17,8 +17,8 @@ gradient of u is written into one [T, batch, 3, d] tensor (no per-slice scatter 
 intermediates are updated in place where they are not needed again. Both directions work through
 the sequence in chunks of CHUNK steps, so each chunk's tensors stay in cache.
 
-On the CPU in float32 a compiled kernel (sru_native, built on first use) runs both directions
-instead: one pass over time per direction with every gate computed in registers. NATIVE = "never"
+On the CPU a compiled kernel (sru_native, built on first use; float32 arithmetic, u read in float32
+or bfloat16) runs both directions instead: one pass over time per direction with every gate computed in registers. NATIVE = "never"
 selects the PyTorch path above (the benchmark's comparison row and the fallback).
 
 Padding (real [T, batch] or [T, batch, d] bool, False = padded) leaves the cell unchanged and outputs 0, so a
@@ -128,7 +128,8 @@ class _SRURecurrence(torch.autograd.Function):
 
 
 class _NativeSRURecurrence(torch.autograd.Function):
-    """The same function as _SRURecurrence, computed by the compiled kernel (float32, CPU)."""
+    """The same function as _SRURecurrence, computed by the compiled kernel (float32 arithmetic on the
+    CPU; u may be bfloat16, and its gradient is then bfloat16)."""
 
     @staticmethod
     def forward(ctx, u, xs, v, b, c0, real):
@@ -156,17 +157,19 @@ def sru_recurrence(u, xs, v, b, c0, real=None, *, fast: bool = True):
     xs: [T, batch, d] highway input. v, b: [2, d] recurrent weights and biases (forget, reset).
     c0: [batch, d]. real: [T, batch] or [T, batch, d] bool (False = padded) or None.
     Returns (h [T, batch, d], c_last [batch, d]) in float32 (float64 if u is): the recurrence never
-    runs in bf16, whose rounding would compound over time steps.
+    runs in bf16, whose rounding would compound over time steps (a bf16 u is only read in bf16).
     """
-    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-    u, xs, v, b, c0 = (a.to(dtype) for a in (u, xs, v, b, c0))
     if real is not None:
         real = real.to(torch.bool)
         if real.dim() == 2:
             real = real[..., None]
+    if fast and _use_native(u):
+        # The kernel reads a bfloat16 u as is (no float32 copy) and computes in float32.
+        with torch.autocast(u.device.type, enabled=False):
+            return _NativeSRURecurrence.apply(u, *(a.float() for a in (xs, v, b, c0)), real)
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u, xs, v, b, c0 = (a.to(dtype) for a in (u, xs, v, b, c0))
     with torch.autocast(u.device.type, enabled=False):
-        if fast and _use_native(u):
-            return _NativeSRURecurrence.apply(u, xs, v, b, c0, real)
         if fast:
             return _SRURecurrence.apply(u, xs, v, b, c0, real)
         return sru_recurrence_reference(u, xs, v, b, c0, real)
