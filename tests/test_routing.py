@@ -327,3 +327,21 @@ def test_size_class_padding_leaves_outputs_and_gradients_unchanged(cf, monkeypat
     monkeypatch.setattr(grouped, "SIZE_CLASS_BITS", None)
     exact = grads(moe, x, lambda x: moe(x)[0])
     assert_same(padded, exact)
+
+
+def test_gate_scale_multiplies_the_routed_output_and_keeps_the_router_gradient():
+    from condcomp.config import ConfigError, ModelConfig
+    from condcomp.techniques.moe import MoESettings
+
+    moe = make_moe(e=8, k=1, cf=None, activation="swiglu", seed=5)
+    x = torch.randn(2, 9, 8, dtype=torch.float64)
+    y1 = moe(x)[0]
+    moe.router.gate_scale = 8.0
+    y8 = moe(x)[0]
+    torch.testing.assert_close(y8, 8.0 * y1)
+    y8.square().sum().backward()
+    assert moe.router.gate.weight.grad.abs().sum() > 0      # the LM loss still trains the router
+    with pytest.raises(RoutingError, match="gate_scale"):
+        TopKRouter(d_model=8, num_experts=4, gate_scale=0.0)
+    with pytest.raises(ConfigError, match="gate_scale"):
+        ModelConfig(d_model=32, n_heads=2, ffn="moe", moe=MoESettings(router="expert_choice", gate_scale=8.0))

@@ -38,6 +38,9 @@ class TopKRouter(Router):
         k: experts per token (1 = Switch, 2 = GShard).
         capacity_factor: > 0, or None for dropless.
         renormalize: rescale the k gate values to sum to 1 (default: True when k > 1).
+        gate_scale: multiply the gate values by this (> 0). With top-1 over E experts the softmax gate
+            starts near 1/E and shrinks the expert's output; gate_scale = E starts it near 1 while the
+            router keeps its gradient from the LM loss (renormalizing a single gate to p/p = 1 removes it).
         jitter: multiplicative input noise U(1-jitter, 1+jitter) in training (Switch); 0 = off.
         priority: "position_major" or "rank_major", as above.
     """
@@ -45,7 +48,8 @@ class TopKRouter(Router):
     aux_loss_names = ("load_balance", "z_loss")
 
     def __init__(self, *, d_model: int, num_experts: int, k: int = 1, capacity_factor: float | None = 1.25,
-                 renormalize: bool | None = None, jitter: float = 0.0, priority: str = "position_major"):
+                 renormalize: bool | None = None, jitter: float = 0.0, priority: str = "position_major",
+                 gate_scale: float = 1.0):
         super().__init__(d_model=d_model, jitter=jitter)
         if num_experts < 1:
             raise RoutingError(f"num_experts must be >= 1, got {num_experts}")
@@ -55,7 +59,10 @@ class TopKRouter(Router):
             raise RoutingError(f"capacity_factor must be > 0, got {capacity_factor}; use None for dropless")
         if priority not in PRIORITIES:
             raise RoutingError(f"priority must be one of {PRIORITIES}, got {priority!r}")
+        if not gate_scale > 0:
+            raise RoutingError(f"gate_scale must be > 0, got {gate_scale}")
         self.num_experts, self.k = num_experts, k
+        self.gate_scale = gate_scale
         self.capacity_factor = capacity_factor
         self.renormalize = (k > 1) if renormalize is None else renormalize
         self.priority = priority
@@ -77,6 +84,8 @@ class TopKRouter(Router):
         probs = logits.softmax(dim=-1)
         top_p, top_e = probs.topk(k, dim=-1)  # [n, k]
         gates = top_p / top_p.sum(-1, keepdim=True) if self.renormalize else top_p
+        if self.gate_scale != 1.0:
+            gates = gates * self.gate_scale
 
         # Assignments [k*n] listed in priority order; a stable sort by expert keeps that order
         # within each expert, so an assignment's slot is its rank among the expert's earlier ones.

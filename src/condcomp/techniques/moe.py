@@ -25,6 +25,8 @@ class MoESettings(Settings):
     k: int = setting(1, ge=1, help="experts per token (top_k router)")
     capacity_factor: float | None = setting(1.25, gt=0.0, help="null = dropless (top_k only)")
     renormalize: bool | None = setting(None, help="top_k: rescale the k gates to sum to 1 (default: k > 1)")
+    gate_scale: float = setting(1.0, gt=0.0, help="top_k: multiply the gate values by this (top-1 over E experts: "
+                                                   "E starts the gate near 1 instead of 1/E)")
     jitter: float = setting(0.0, ge=0.0, lt=1.0)
     priority: str = setting("position_major", choices=("position_major", "rank_major"),
                             help="top_k overflow order; rank_major (GShard) reads future tokens: encoders only")
@@ -48,6 +50,8 @@ class MoESettings(Settings):
     def check(self) -> None:
         if self.router == "top_k" and self.k > self.num_experts:
             raise ConfigError(f"k: {self.k} exceeds num_experts={self.num_experts}")
+        if self.router == "expert_choice" and self.gate_scale != 1.0:
+            raise ConfigError("gate_scale: applies to the top_k router only; remove it for expert choice")
         if self.router == "expert_choice" and self.capacity_factor is None:
             raise ConfigError("capacity_factor: expert choice needs a number (2.0 = top-2 compute), not null")
         if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)
@@ -83,7 +87,7 @@ def build_router(*, d_model: int, settings: MoESettings):
     s = settings
     if s.router == "top_k":
         return TopKRouter(d_model=d_model, num_experts=s.num_experts, k=s.k, capacity_factor=s.capacity_factor,
-                          renormalize=s.renormalize, jitter=s.jitter, priority=s.priority)
+                          renormalize=s.renormalize, jitter=s.jitter, priority=s.priority, gate_scale=s.gate_scale)
     return ExpertChoiceRouter(d_model=d_model, num_experts=s.num_experts, capacity_factor=s.capacity_factor,
                               mode=s.expert_choice_mode)
 
