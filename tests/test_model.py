@@ -79,3 +79,22 @@ def test_generate_extends_prompt_deterministically():
     a = model.generate(p, 30, temperature=0.9, top_k=10, generator=torch.Generator().manual_seed(1))
     b = model.generate(p, 30, temperature=0.9, top_k=10, generator=torch.Generator().manual_seed(1))
     assert a.shape == (1, 35) and torch.equal(a, b) and torch.equal(a[:, :5], p)
+
+
+def test_fused_rotary_equals_the_reference_formula_on_outputs_and_gradients():
+    from condcomp.layers.rotary import Rotary, _Rotate, rotate_reference
+
+    rot = Rotary(16, 40).double()
+    x = torch.randn(2, 3, 10, 16, dtype=torch.float64, requires_grad=True)
+    pos = torch.randint(0, 40, (2, 10))
+    for fused, (cos, sin) in ((lambda x: rot.apply(x, 5), (rot.cos[5:15], rot.sin[5:15])),
+                              (lambda x: rot.apply_at(x, pos), (rot.cos[pos][:, None], rot.sin[pos][:, None]))):
+        y, y_ref = fused(x), rotate_reference(x, cos, sin)
+        torch.testing.assert_close(y, y_ref)
+        g = torch.randn_like(y)
+        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0])
+    c, s = rot.cos_full[:10], rot.sin_signed[:10]
+    assert torch.autograd.gradcheck(lambda x: _Rotate.apply(x, c, s), (x[:1, :1],))
+    xt = x.detach().transpose(1, 2).float()                           # a non-contiguous view, as q is
+    torch.testing.assert_close(_Rotate.apply(xt, c.float()[:, None], s.float()[:, None]),
+                               rotate_reference(xt, rot.cos[:10].float()[:, None], rot.sin[:10].float()[:, None]))

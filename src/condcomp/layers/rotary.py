@@ -38,6 +38,35 @@ def inverse_frequencies(head_dim: int, base: float, *, scaling: str = "none", fa
     return torch.where(medium, smoothed, scaled)
 
 
+def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., hd] rotated pairwise (half layout: x[i] pairs with x[i + hd/2]) by angles with the given
+    cos, sin [..., hd/2] (broadcast against x): the plain formula, differentiated by autograd (the twin
+    of ``_Rotate``)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class _Rotate(torch.autograd.Function):
+    """y = x * C + roll(x, hd/2) * S with C = [cos, cos] and S = [-sin, sin] (both [..., hd]).
+
+    The same function as ``rotate_reference`` in three kernels each way instead of about seven forward
+    and ten backward, and nothing of x is saved: a rotation is linear, so dL/dx = g * C + roll(g * S, hd/2)
+    (rolling by half the width is its own transpose). The element-wise work of rotary embeddings was
+    a visible share of a bf16 training step at small widths (docs/benchmarks.md, "Training step")."""
+
+    @staticmethod
+    def forward(ctx, x, c, s):
+        ctx.save_for_backward(c, s)
+        half = x.shape[-1] // 2
+        return torch.addcmul(x * c, torch.roll(x, half, dims=-1), s)
+
+    @staticmethod
+    def backward(ctx, g):
+        c, s = ctx.saved_tensors
+        half = g.shape[-1] // 2
+        return torch.addcmul(torch.roll(g * s, half, dims=-1), g, c), None, None
+
+
 class Rotary(nn.Module):
     """Precomputed cos/sin tables for positions [0, max_len).
 
@@ -52,26 +81,28 @@ class Rotary(nn.Module):
             raise ValueError(f"head_dim must be even for rotary positions, got {head_dim}")
         inv_freq = inverse_frequencies(head_dim, base, **scaling)
         angles = torch.arange(max_len, dtype=torch.int64).float()[:, None] * inv_freq  # [max_len, hd/2] fp32
-        # Not persistent: derived from the config, so checkpoints stay weights-only.
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        # Not persistent: derived from the config, so checkpoints stay weights-only. Full-width tables for
+        # _Rotate: C = [cos, cos], S = [-sin, sin] ([max_len, hd] fp32).
+        cos, sin = angles.cos(), angles.sin()
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("cos_full", torch.cat((cos, cos), dim=-1), persistent=False)
+        self.register_buffer("sin_signed", torch.cat((-sin, sin), dim=-1), persistent=False)
         self.max_len = max_len
 
     def apply(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         seq = x.shape[-2]
         if offset + seq > self.max_len:
             raise ValueError(f"position {offset + seq} exceeds the model's seq_len {self.max_len}")
-        cos = self.cos[offset : offset + seq].to(x.dtype)
-        sin = self.sin[offset : offset + seq].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        c = self.cos_full[offset : offset + seq].to(x.dtype)
+        s = self.sin_signed[offset : offset + seq].to(x.dtype)
+        return _Rotate.apply(x, c, s)
 
     def apply_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # The readable error where reading the maximum back is free (CPU): on CUDA an out-of-range
         # position still fails, as a device-side index assertion.
         if can_read_back(positions) and positions.numel() and int(positions.max()) >= self.max_len:
             raise ValueError(f"position {int(positions.max())} exceeds the model's seq_len {self.max_len}")
-        cos = self.cos[positions].to(x.dtype)[:, None]  # [b, 1, seq, hd/2]
-        sin = self.sin[positions].to(x.dtype)[:, None]
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        c = self.cos_full[positions].to(x.dtype)[:, None]  # [b, 1, seq, hd]
+        s = self.sin_signed[positions].to(x.dtype)[:, None]
+        return _Rotate.apply(x, c, s)
