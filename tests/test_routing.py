@@ -345,3 +345,25 @@ def test_gate_scale_multiplies_the_routed_output_and_keeps_the_router_gradient()
         TopKRouter(d_model=8, num_experts=4, gate_scale=0.0)
     with pytest.raises(ConfigError, match="gate_scale"):
         ModelConfig(d_model=32, n_heads=2, ffn="moe", moe=MoESettings(router="expert_choice", gate_scale=8.0))
+
+
+def test_size_class_padding_is_executed_but_not_charged_as_model_flops(monkeypatch):
+    """Under a trainer's counting, the padded loop's extra FLOPs are reported as overhead, so executed
+    minus overhead equals the exact loop's FLOPs (the FLOPs budget charges real assignments only)."""
+    from condcomp.dispatch import grouped
+    from condcomp.flops import flop_counter
+    from condcomp.recompute import count_recomputed_flops
+
+    moe = make_moe(e=6, k=2, cf=None, activation="swiglu", seed=3, dtype=torch.float32)
+    x = torch.randn(4, 50, 8, requires_grad=True)                   # a hidden state in training
+
+    def counted():
+        with flop_counter() as counter, count_recomputed_flops() as overhead:
+            moe(x)[0].square().sum().backward()
+        return counter.get_total_flops(), sum(overhead)
+
+    executed, overhead = counted()
+    monkeypatch.setattr(grouped, "SIZE_CLASS_BITS", None)
+    exact, none = counted()
+    assert overhead > 0 and none == 0 and executed > exact
+    assert executed - overhead == pytest.approx(exact, rel=1e-9)

@@ -6,6 +6,8 @@ Two things must stay true when a block runs twice:
   apply them once: they check ``is_recomputing()``.
 - Recomputation is real work: ``count_recomputed_flops`` measures it, so a trainer reports the FLOPs
   the model needs (forward + backward) and the FLOPs the machine executed (those plus recomputation).
+  The same sink takes other work that is executed but not the model's: the padding rows dispatch adds
+  so shapes repeat (``add_overhead_flops``).
   RNG (router jitter, dropout) is replayed by torch.utils.checkpoint, so the recomputed block makes
   the same choices.
 """
@@ -56,10 +58,22 @@ def run_checkpointed(fn: Callable, *args, **kwargs):
     return checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
 
 
+def counting_overhead() -> bool:
+    """Whether a trainer is counting this step's FLOPs (so executed-only work should be reported)."""
+    return _recomputed_flops is not None
+
+
+def add_overhead_flops(flops: float) -> None:
+    """Report FLOPs that were executed but are not the model's (counted by the outer FLOP counter, so
+    the trainer takes them out of the model FLOPs); a no-op when no trainer is counting."""
+    if _recomputed_flops is not None:
+        _recomputed_flops.append(float(flops))
+
+
 @contextlib.contextmanager
 def count_recomputed_flops() -> Iterator[list[float]]:
-    """Within the block, FLOPs of every recomputation are appended to the yielded list (sum it after
-    backward)."""
+    """Within the block, FLOPs of every recomputation (and any ``add_overhead_flops``) are appended to the
+    yielded list (sum it after backward)."""
     global _recomputed_flops
     previous, _recomputed_flops = _recomputed_flops, []
     try:

@@ -19,7 +19,9 @@ step as routing changes, and every new matmul shape costs resident memory that i
 oneDNN caches a kernel (with its scratch space) per shape, and glibc's heap keeps holes of sizes the
 next step does not ask for. With size classes the shapes repeat (docs/benchmarks.md, "Resident
 memory"). The padded rows' outputs are multiplied by 0 and added to token 0, so the result and every
-gradient are those of the unpadded loop.
+gradient are those of the unpadded loop. Their FLOPs are executed but are not the model's: while a
+trainer counts FLOPs they are reported as overhead (``recompute.add_overhead_flops``), so a FLOPs
+budget charges a MoE only for its real assignments.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from condcomp import recompute
 from condcomp.routing.types import Routing
 
 GroupFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -91,6 +94,25 @@ def _starts(sizes: list[int]) -> list[int]:
     return out
 
 
+def _run_counting_padding(group_fn, chunks, exact: list[int]) -> list[torch.Tensor]:
+    """The loop, reporting the padding rows' FLOPs as overhead: each padded group's forward FLOPs are
+    measured, and its pad rows' share of them, times 3 when a backward follows (twice the forward, as
+    for the linear layers a group function is made of, given an input that needs its gradient, as a
+    hidden state in training does), is what the model did not need."""
+    from condcomp.flops import flop_counter
+
+    passes = 3 if torch.is_grad_enabled() else 1
+    outs, overhead = [], 0.0
+    for g, (chunk, m) in enumerate(zip(chunks, exact)):
+        if not chunk.shape[0]:
+            continue
+        with flop_counter() as counter:  # counts alongside the trainer's counter
+            outs.append(group_fn(g, chunk))
+        overhead += passes * counter.get_total_flops() * (chunk.shape[0] - m) / chunk.shape[0]
+    recompute.add_overhead_flops(overhead)
+    return outs
+
+
 def use_grouped(x: torch.Tensor, group_fn) -> bool:
     if not hasattr(group_fn, "grouped") or GROUPED == "never":
         return False
@@ -113,9 +135,13 @@ def dispatch(x: torch.Tensor, routing: Routing, group_fn: GroupFn, d_out: int | 
         ys = group_fn.grouped(x.index_select(0, routing.token_index), routing.group_sizes)
     if ys is not None:
         return WeightedScatter.apply(ys, routing.combine_weights, routing.token_index, x.shape[0])
-    sizes, index, weights = _pad_to_size_classes(routing, routing.group_sizes.tolist())
+    exact = routing.group_sizes.tolist()
+    sizes, index, weights = _pad_to_size_classes(routing, exact)
     xs = x.index_select(0, index)
-    outs = [group_fn(g, chunk) for g, chunk in enumerate(xs.split(sizes)) if chunk.shape[0]]
+    if sizes is not exact and recompute.counting_overhead():
+        outs = _run_counting_padding(group_fn, xs.split(sizes), exact)
+    else:
+        outs = [group_fn(g, chunk) for g, chunk in enumerate(xs.split(sizes)) if chunk.shape[0]]
     if not outs:
         return x.new_zeros(x.shape[0], d_out or x.shape[1])
     ys = torch.cat(outs) if len(outs) > 1 else outs[0]
