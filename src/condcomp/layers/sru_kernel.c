@@ -77,7 +77,10 @@ static void load_u(const Job *j, int64_t t, int64_t b, int64_t i0, int64_t n, fl
     }
 }
 
-/* One time step of one task; c [n]: the task's cells, updated in place. */
+/* One time step of one task; c [n]: the task's cells, updated in place.
+ * Each direction has a masked loop and a copy without the mask: the unpadded copy is the hot path
+ * (language-model training), and folding both into one loop (an all-ones mask, a keep factor)
+ * measured about 2x slower on cached data and ~10% slower per bf16 SRU step. */
 static void forward_step(const Job *j, int64_t t, int64_t b, int64_t i0, int64_t n, float *restrict c) {
     const int64_t d = j->d;
     const float *vf = j->v + i0, *vr = j->v + d + i0, *bf = j->bias + i0, *br = j->bias + d + i0;
