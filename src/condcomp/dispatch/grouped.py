@@ -26,6 +26,7 @@ budget charges a MoE only for its real assignments.
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Callable, Protocol
 
 import torch
@@ -78,20 +79,13 @@ def _pad_to_size_classes(routing: Routing, sizes: list[int]):
     if padded == sizes:  # fixed-size selections repeat their shapes already
         return sizes, routing.token_index, routing.combine_weights
     device = routing.token_index.device
-    shift = torch.tensor([p0 - r0 for p0, r0 in zip(_starts(padded), _starts(sizes))], device=device)
+    shift = torch.tensor([p - r for p, r in zip(accumulate(padded, initial=0), accumulate(sizes, initial=0))][:-1],
+                         device=device)  # how far each group's first row moves
     position = torch.arange(routing.token_index.numel(), device=device) + shift[routing.group_of_assignment()]
     total = sum(padded)
     index = routing.token_index.new_zeros(total).index_copy_(0, position, routing.token_index)
     weights = routing.combine_weights.new_zeros(total).index_copy(0, position, routing.combine_weights)
     return padded, index, weights
-
-
-def _starts(sizes: list[int]) -> list[int]:
-    out, total = [], 0
-    for m in sizes:
-        out.append(total)
-        total += m
-    return out
 
 
 def _run_counting_padding(group_fn, chunks, exact: list[int]) -> list[torch.Tensor]:

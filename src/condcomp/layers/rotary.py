@@ -84,11 +84,19 @@ class Rotary(nn.Module):
         # Not persistent: derived from the config, so checkpoints stay weights-only. Full-width tables for
         # _Rotate: C = [cos, cos], S = [-sin, sin] ([max_len, hd] fp32).
         cos, sin = angles.cos(), angles.sin()
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
         self.register_buffer("cos_full", torch.cat((cos, cos), dim=-1), persistent=False)
         self.register_buffer("sin_signed", torch.cat((-sin, sin), dim=-1), persistent=False)
         self.max_len = max_len
+
+    @property
+    def cos(self) -> torch.Tensor:
+        """[max_len, hd/2] cos of each position's angles (a view of the full-width table)."""
+        return self.cos_full[:, : self.cos_full.shape[1] // 2]
+
+    @property
+    def sin(self) -> torch.Tensor:
+        """[max_len, hd/2] sin of each position's angles."""
+        return self.sin_signed[:, self.sin_signed.shape[1] // 2 :]
 
     def apply(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         seq = x.shape[-2]
