@@ -1,15 +1,16 @@
-"""Multi-head self-attention with rotary positions on PyTorch's fused SDPA kernel; grouped-query
-attention (fewer key/value heads than query heads) as in Llama 2/3, Mistral and Qwen2."""
+"""Multi-head self-attention with rotary positions on PyTorch's fused SDPA kernel (short bf16 sequences
+on CPU: ``layers.sdpa``'s materialized form); grouped-query attention (fewer key/value heads than
+query heads) as in Llama 2/3, Mistral and Qwen2."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from condcomp.layers.info import LayerInfo
 from condcomp.layers.kv_cache import KVCache
 from condcomp.layers.rotary import Rotary
+from condcomp.layers.sdpa import attention
 
 
 class Attention(nn.Module):
@@ -68,9 +69,8 @@ class Attention(nn.Module):
                 v.view(b, t, kv, hd).transpose(1, 2))
 
     def _attend(self, q, k, v, mask, is_causal: bool = False) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal,
-                                              dropout_p=self.dropout if self.training else 0.0,
-                                              enable_gqa=self.n_kv_heads != self.n_heads)
+        return attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal,
+                         dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: KVCache | None = None) -> tuple[torch.Tensor, LayerInfo]:
