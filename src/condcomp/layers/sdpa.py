@@ -3,8 +3,8 @@
 PyTorch's CPU flash-attention kernel computes in fp32 blocks whatever the input dtype, so in bf16 it
 is no faster than in fp32, and its backward takes about three times its forward. For short
 sequences the materialized form — scores by one batched GEMM, softmax, a second GEMM — runs its
-GEMMs on the bf16 units: forward+backward 2.7x faster at 256 tokens, 1.1x at 512, slower at 1024
-(docs/benchmarks.md, "Attention kernels"); in fp32 it wins only up to 128 tokens. It keeps the
+GEMMs on the bf16 units: forward+backward 2.6x faster at 256 tokens, 1.1-1.4x at 512, slower at 1024
+(docs/benchmarks.md, "Attention kernels"); in fp32 it wins only at 64 tokens. It keeps the
 [heads, q_len, k_len] probabilities for the backward. ``attention`` takes that path on CPU within
 ``MATERIALIZED_MAX_LEN`` and without an explicit mask or dropout, and calls
 ``F.scaled_dot_product_attention`` otherwise. In bf16 the scores are rounded to bf16 before the
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 # (docs/benchmarks.md, "Attention kernels"). Other dtypes always take PyTorch's kernel.
 MATERIALIZED_MAX_LEN = {
     torch.bfloat16: {"train": 512, "infer": 256},
-    torch.float32: {"train": 128, "infer": 128},
+    torch.float32: {"train": 64, "infer": 64},
 }
 
 

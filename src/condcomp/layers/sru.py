@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from condcomp.layers.sdpa import attention
 from condcomp.layers.sru_recurrence import sru_recurrence
 
 
@@ -175,9 +176,8 @@ class SRUppAttention(nn.Module):
             keys = real.t()[:, None, None, :]                 # [B, 1, 1, T]
             mask = keys & torch.ones(t, t, dtype=torch.bool, device=x.device).tril() if self.causal else keys
             mask = mask | torch.eye(t, dtype=torch.bool, device=x.device)  # padded queries attend to themselves
-        a = F.scaled_dot_product_attention(heads(z), heads(k), heads(v), attn_mask=mask,
-                                           is_causal=self.causal and mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        a = attention(heads(z), heads(k), heads(v), attn_mask=mask, is_causal=self.causal and mask is None,
+                      dropout_p=self.dropout if self.training else 0.0)
         a = a.permute(2, 0, 1, 3).reshape(t, b, -1)
         return self.w3(self.norm(self.alpha * a + z))
 
