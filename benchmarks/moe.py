@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from condcomp.bench.measure import gemm_rate, timed_alternating
-from condcomp.layers.experts import _activate
+from condcomp.layers.expert_loop import activate as _activate
 from condcomp.layers.moe import MoE
 from condcomp.routing import ExpertChoiceRouter, TopKRouter
 from condcomp.train.optim import autocast

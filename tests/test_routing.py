@@ -347,13 +347,16 @@ def test_gate_scale_multiplies_the_routed_output_and_keeps_the_router_gradient()
         ModelConfig(d_model=32, n_heads=2, ffn="moe", moe=MoESettings(router="expert_choice", gate_scale=8.0))
 
 
-def test_size_class_padding_is_executed_but_not_charged_as_model_flops(monkeypatch):
+@pytest.mark.parametrize("fused_loop", [True, False])
+def test_size_class_padding_is_executed_but_not_charged_as_model_flops(monkeypatch, fused_loop):
     """Under a trainer's counting, the padded loop's extra FLOPs are reported as overhead, so executed
-    minus overhead equals the exact loop's FLOPs (the FLOPs budget charges real assignments only)."""
+    minus overhead equals the exact loop's FLOPs (the FLOPs budget charges real assignments only),
+    with the one-node expert loop and with the per-expert autograd loop."""
     from condcomp.dispatch import grouped
     from condcomp.flops import flop_counter
     from condcomp.recompute import count_recomputed_flops
 
+    monkeypatch.setattr(grouped, "FUSED_LOOP", fused_loop)
     moe = make_moe(e=6, k=2, cf=None, activation="swiglu", seed=3, dtype=torch.float32)
     x = torch.randn(4, 50, 8, requires_grad=True)                   # a hidden state in training
 

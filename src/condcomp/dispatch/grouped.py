@@ -11,7 +11,8 @@ pays, and then the group sizes are never read on the host, so dispatch never wai
 - on CUDA, varying sizes: PyTorch's grouped GEMM (bf16; offsets stay on the device).
 Otherwise the per-group loop, which needs the sizes on the host (one synchronisation): the path on
 CPU, where it is about as fast as the grouped GEMM (docs/benchmarks.md), and the fallback wherever
-the grouped kernel refuses the operands.
+the grouped kernel refuses the operands. A group function with ``looped`` (the experts) runs the
+whole loop as one autograd node, without the concatenations of a per-group autograd graph.
 
 Size classes (CPU loop): each group's run is padded to its size class (``size_class``: at most
 1/2**SIZE_CLASS_BITS more rows) with copies of token 0 that carry weight 0. Group sizes change every
@@ -50,11 +51,18 @@ class GroupedFn(Protocol):
     def batched(self, xs: torch.Tensor) -> torch.Tensor:
         """xs [g, m, d_in]: m rows for each group -> [g, m, d_out]."""
 
+    def looped(self, xs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """The per-group loop in one call (one autograd node): xs [a, d_in], sizes[g] rows of group g."""
+
 
 GROUPED = "auto"
 """When dispatch runs all groups in one call: "auto" (batched when every group has the same size;
 grouped GEMM on CUDA), "always" (the grouped GEMM on any device) or "never" (the per-group loop, the
 reference: tests and benchmarks)."""
+
+FUSED_LOOP = True
+"""Whether the per-group loop runs as the group function's ``looped`` (one autograd node, where it has
+one: the experts' ``ExpertLoop``) instead of one autograd subgraph per group (the reference twin)."""
 
 
 SIZE_CLASS_BITS = 4
@@ -88,23 +96,42 @@ def _pad_to_size_classes(routing: Routing, sizes: list[int]):
     return padded, index, weights
 
 
-def _run_counting_padding(group_fn, chunks, exact: list[int]) -> list[torch.Tensor]:
-    """The loop, reporting the padding rows' FLOPs as overhead: each padded group's forward FLOPs are
-    measured, and its pad rows' share of them, times 3 when a backward follows (twice the forward, as
-    for the linear layers a group function is made of, given an input that needs its gradient, as a
-    hidden state in training does), is what the model did not need."""
+def _run_loop(group_fn, xs: torch.Tensor, sizes: list[int], exact: list[int]) -> torch.Tensor | None:
+    """Every group on its run of xs (sizes[g] rows each; exact[g] of them real), concatenated: [a, d_out],
+    or None when no group has rows.
+
+    While a trainer counts FLOPs (``recompute.counting_overhead``), the padding rows' share is reported
+    as overhead: each group's forward FLOPs are measured, and the pad rows' share of them, times 3 when
+    a backward follows (twice the forward, as for the linear layers a group function is made of, given
+    an input that needs its gradient, as a hidden state in training does), is what the model did not
+    need.
+    """
+    counting = sizes is not exact and recompute.counting_overhead()
+    looped = getattr(group_fn, "looped", None) if FUSED_LOOP else None
+    if not counting:
+        if looped is not None:
+            return looped(xs, sizes) if xs.shape[0] else None
+        outs = [group_fn(g, chunk) for g, chunk in enumerate(xs.split(sizes)) if chunk.shape[0]]
+        return (torch.cat(outs) if len(outs) > 1 else outs[0]) if outs else None
     from condcomp.flops import flop_counter
 
     passes = 3 if torch.is_grad_enabled() else 1
+    if looped is not None:  # every row of every group costs the same FLOPs
+        if not xs.shape[0]:
+            return None
+        with flop_counter() as counter:  # counts alongside the trainer's counter
+            ys = looped(xs, sizes)
+        recompute.add_overhead_flops(passes * counter.get_total_flops() * (sum(sizes) - sum(exact)) / sum(sizes))
+        return ys
     outs, overhead = [], 0.0
-    for g, (chunk, m) in enumerate(zip(chunks, exact)):
+    for g, (chunk, m) in enumerate(zip(xs.split(sizes), exact)):
         if not chunk.shape[0]:
             continue
-        with flop_counter() as counter:  # counts alongside the trainer's counter
+        with flop_counter() as counter:
             outs.append(group_fn(g, chunk))
         overhead += passes * counter.get_total_flops() * (chunk.shape[0] - m) / chunk.shape[0]
     recompute.add_overhead_flops(overhead)
-    return outs
+    return (torch.cat(outs) if len(outs) > 1 else outs[0]) if outs else None
 
 
 def use_grouped(x: torch.Tensor, group_fn) -> bool:
@@ -131,14 +158,9 @@ def dispatch(x: torch.Tensor, routing: Routing, group_fn: GroupFn, d_out: int | 
         return WeightedScatter.apply(ys, routing.combine_weights, routing.token_index, x.shape[0])
     exact = routing.group_sizes.tolist()
     sizes, index, weights = _pad_to_size_classes(routing, exact)
-    xs = x.index_select(0, index)
-    if sizes is not exact and recompute.counting_overhead():
-        outs = _run_counting_padding(group_fn, xs.split(sizes), exact)
-    else:
-        outs = [group_fn(g, chunk) for g, chunk in enumerate(xs.split(sizes)) if chunk.shape[0]]
-    if not outs:
+    ys = _run_loop(group_fn, x.index_select(0, index), sizes, exact)
+    if ys is None:
         return x.new_zeros(x.shape[0], d_out or x.shape[1])
-    ys = torch.cat(outs) if len(outs) > 1 else outs[0]
     return WeightedScatter.apply(ys, weights, index, x.shape[0])
 
 

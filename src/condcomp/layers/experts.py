@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from condcomp.layers.expert_loop import activate, expert_loop
 from condcomp.layers.feedforward import ACTIVATIONS
 
 
@@ -71,7 +72,7 @@ class Experts(nn.Module):
             except (RuntimeError, NotImplementedError):  # e.g. a dtype or an alignment the kernel lacks
                 _GROUPED_UNSUPPORTED[key] = True
                 return None
-            h = _activate(h, self.activation)
+            h = activate(h, self.activation)
             return _grouped_mm(h, self.down.to(dtype), offs=offsets)
 
     def batched(self, xs: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,12 @@ class Experts(nn.Module):
 
     def _run(self, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         """x [..., m, d_model] @ up [..., d_model, width] -> activation -> @ down: [..., m, d_model]."""
-        return _activate(x @ up, self.activation) @ down
+        return activate(x @ up, self.activation) @ down
+
+    def looped(self, xs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """xs [a, d_model], rows sorted by expert, sizes[g] rows for expert g -> [a, d_model]: every
+        expert on its rows in one autograd node (``expert_loop``); the same as ``forward`` per run."""
+        return expert_loop(xs, self.up, self.down, sizes, self.activation)
 
 
 class ExpertGroups:
@@ -104,6 +110,9 @@ class ExpertGroups:
     def grouped(self, xs: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor | None:
         return self.experts.grouped(xs, group_sizes)
 
+    def looped(self, xs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        return self.experts.looped(xs, sizes)
+
     def batched(self, xs: torch.Tensor) -> torch.Tensor:
         return self.experts.batched(xs)
 
@@ -111,9 +120,3 @@ class ExpertGroups:
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_UNSUPPORTED: dict[tuple, bool] = {}  # (device type, dtype, expert shape) the kernel refused
 
-
-def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "swiglu":
-        gate, up_part = h.chunk(2, dim=-1)
-        return F.silu(gate) * up_part
-    return F.gelu(h)
