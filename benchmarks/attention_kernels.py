@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import torch.utils.benchmark as tb
 
 from condcomp.layers.sdpa import MaterializedAttention, uses_materialized
+from condcomp.train.allocator import tune_for_speed
 
 
 def eager(q, k, v):
@@ -43,8 +44,10 @@ def main() -> None:
     p.add_argument("--min-run-time", type=float, default=0.4)
     args = p.parse_args()
     heads, head_dim = 4, 64
+    fast_allocator = tune_for_speed()  # as the trainer does by default (train.fast_allocator)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; causal, {args.tokens} tokens, "
-          f"{heads} heads of {head_dim}; ms (median of {args.rounds} alternating rounds)\n")
+          f"{heads} heads of {head_dim}; ms (median of {args.rounds} alternating rounds); "
+          f"allocator: {'the trainer default (fast)' if fast_allocator else 'glibc default'}\n")
     header = f"{'prec':>5} {'seq':>5} {'kernel':>14} {'fwd ms':>8} {'fwd+bwd ms':>11} {'vs sdpa':>8}  used"
     print(header)
     print("-" * len(header))

@@ -1,5 +1,6 @@
 """Resident memory of the training process over steps: dense vs routed variants, with glibc's default
-malloc behaviour and with ``train.low_memory`` (``condcomp.train.allocator``).
+malloc behaviour (``train.fast_allocator: false``), with the trainer's default (``fast``) and with
+``train.low_memory`` (``condcomp.train.allocator``).
 
 Each (variant, allocator) runs in its own fresh process: the full grid's model (configs/grids/full.yaml:
 d_model 192, 4 layers, 256 tokens, batch 16, bf16) on the built-in corpus for ``--steps`` steps,
@@ -39,13 +40,15 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(variant: str, steps: int, low_memory: bool) -> None:
+def child(variant: str, steps: int, mode: str) -> None:
     from condcomp.config import load_config
     from condcomp.train import Trainer
 
+    low_memory = mode == "low_memory"
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, BASE + VARIANTS[variant] + [f"train.steps={steps}", f"run_dir={tmp}/run",
-                                                            f"train.low_memory={str(low_memory).lower()}"])
+                                                            f"train.low_memory={str(low_memory).lower()}",
+                                                            f"train.fast_allocator={str(mode == 'fast').lower()}"])
         trainer = Trainer(cfg)
         trace, times = [], []
         for _ in range(steps):
@@ -61,14 +64,17 @@ def child(variant: str, steps: int, low_memory: bool) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--child", nargs=3, metavar=("VARIANT", "STEPS", "LOW_MEMORY"))
+    p.add_argument("--modes", default="default,fast,low_memory",
+                   help="allocator settings, comma-separated: default (glibc's), fast (the trainer's default), low_memory")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--child", nargs=3, metavar=("VARIANT", "STEPS", "MODE"))
     args = p.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]), args.child[2] == "low_memory")
+        child(args.child[0], int(args.child[1]), args.child[2])
         return
     rows = {}
-    for mode in ("default", "low_memory"):
-        for variant in VARIANTS:
+    for mode in args.modes.split(","):
+        for variant in args.variants.split(","):
             out = subprocess.run([sys.executable, __file__, "--child", variant, str(args.steps), mode],
                                  capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             rows[(mode, variant)] = json.loads(out)

@@ -28,6 +28,7 @@ from condcomp.bench.measure import gemm_rate, timed_alternating
 from condcomp.layers.expert_loop import activate as _activate
 from condcomp.layers.moe import MoE
 from condcomp.routing import ExpertChoiceRouter, TopKRouter
+from condcomp.train.allocator import tune_for_speed
 from condcomp.train.optim import autocast
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -121,6 +122,7 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--groups", default="top-1,top-2,ec,fine,peers")
     args = p.parse_args()
+    fast_allocator = tune_for_speed()  # as the trainer does by default (train.fast_allocator)
     torch.manual_seed(0)
     d, dff, e, n = args.d_model, args.d_ff, args.experts, args.tokens
     x = torch.randn(8, n // 8, d)
@@ -135,7 +137,8 @@ def main() -> None:
                                                                         capacity_factor=None)),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n} tokens, d_model {d}, SwiGLU experts "
-          f"(d_ff {dff}, {e} experts unless noted); forward+backward")
+          f"(d_ff {dff}, {e} experts unless noted); forward+backward; "
+          f"allocator: {'the trainer default (fast)' if fast_allocator else 'glibc default'}")
     for precision in args.dtypes.split(","):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         plain = gemm_rate(dtype, 2048, max(3, args.rounds // 2))

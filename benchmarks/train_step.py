@@ -17,6 +17,7 @@ import torch.utils.benchmark as tb
 from condcomp.config import ModelConfig, TrainConfig
 from condcomp.flops import flop_counter
 from condcomp.models import Transformer
+from condcomp.train.allocator import tune_for_speed
 from condcomp.train.optim import autocast, build_optimizer
 from condcomp.train.trainer import lm_loss
 
@@ -45,10 +46,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--min-run-time", type=float, default=5.0)
     args = p.parse_args()
+    fast_allocator = tune_for_speed()  # as the trainer does by default (train.fast_allocator)
     torch.manual_seed(0)
     peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
     print(f"threads {torch.get_num_threads()}, torch {torch.__version__}; "
-          f"GEMM 2048^3 peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
+          f"GEMM 2048^3 peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s; "
+          f"allocator: {'the trainer default (fast)' if fast_allocator else 'glibc default'}")
     print(f"model: {args.layers} layers, SwiGLU, seq {args.seq}, batch {args.batch} "
           f"({args.seq * args.batch} tokens/step)\n")
     header = f"{'d_model':>7} {'prec':>5} {'params':>8} {'ms/step':>8} {'tokens/s':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} {'% peak':>7} {'vs fp32':>8}"

@@ -26,12 +26,24 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     return F.gelu(h)
 
 
-def activation_backward(grad: torch.Tensor, h: torch.Tensor, activation: str, out: torch.Tensor) -> torch.Tensor:
+def activate_for_backward(h: torch.Tensor, activation: str) -> tuple[torch.Tensor, tuple]:
+    """activate(h) and what ``activation_backward`` reuses of it (SwiGLU: silu(gate)), so the backward
+    recomputes each element-wise function once."""
+    if activation == "swiglu":
+        gate, up_part = h.chunk(2, dim=-1)
+        silu_gate = F.silu(gate)
+        return silu_gate * up_part, (silu_gate,)
+    return F.gelu(h), ()
+
+
+def activation_backward(grad: torch.Tensor, h: torch.Tensor, activation: str, reused: tuple,
+                        out: torch.Tensor) -> torch.Tensor:
     """The gradient with respect to h [m, width] of activate(h) given grad [m, d_ff], written into out [m, width]."""
     if activation == "swiglu":
         d_ff = grad.shape[-1]
         gate, up_part = h[:, :d_ff], h[:, d_ff:]
-        torch.mul(grad, F.silu(gate), out=out[:, d_ff:])
+        (silu_gate,) = reused
+        torch.mul(grad, silu_gate, out=out[:, d_ff:])
         torch.ops.aten.silu_backward.grad_input(grad * up_part, gate, grad_input=out[:, :d_ff])
     else:
         torch.ops.aten.gelu_backward.grad_input(grad, h, grad_input=out)
@@ -84,10 +96,12 @@ class ExpertLoop(torch.autograd.Function):
                     continue
                 rows = slice(start, start + m)
                 h_g = h[rows]
-                grad_act = gy[rows] @ downc[g].t()
+                act, reused = activate_for_backward(h_g, ctx.activation)
                 if need_down:
-                    torch.mm(activate(h_g, ctx.activation).t(), gy[rows], out=grad_down[g])
-                gh = activation_backward(grad_act, h_g, ctx.activation, grad_h[:m])
+                    torch.mm(act.t(), gy[rows], out=grad_down[g])
+                del act
+                grad_act = gy[rows] @ downc[g].t()
+                gh = activation_backward(grad_act, h_g, ctx.activation, reused, grad_h[:m])
                 if need_up:
                     torch.mm(xc[rows].t(), gh, out=grad_up[g])
                 if need_x:

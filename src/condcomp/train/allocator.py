@@ -8,10 +8,13 @@ then climbs for tens of steps — 0.55 -> 1.8 GB for learned skipping (docs/resu
 tensor leaking.
 
 ``tune_allocator`` pins the threshold (so large tensors are mmapped and unmapped when freed) and
-``release_free_memory`` hands the heap's free memory back after a step (``malloc_trim``). Both are
-glibc calls through ctypes and no-ops elsewhere. The trainer applies them only with
-``train.low_memory: true``: memory handed back must be faulted in again the next step, which made
-steps about 2-2.6x slower here (docs/benchmarks.md, "Resident memory").
+``release_free_memory`` hands the heap's free memory back after a step (``malloc_trim``). The trainer
+applies them only with ``train.low_memory: true``: memory handed back must be faulted in again the
+next step, which made steps about 2-2.6x slower here (docs/benchmarks.md, "Resident memory").
+
+``tune_for_speed`` does the opposite, and the trainer applies it by default (``train.fast_allocator``):
+tensors up to 32 MiB come from the heap, and the heap keeps what is freed, so a step reuses the pages
+the last one faulted in. All three are glibc calls through ctypes and no-ops elsewhere.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 MMAP_THRESHOLD_BYTES = 64 * 1024
+FAST_MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
+FAST_TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes an int
 
 _libc = None
 
@@ -43,6 +48,22 @@ def available() -> bool:
 def tune_allocator() -> bool:
     """Pin glibc's mmap threshold at 64 KiB for this process. Returns whether anything was set."""
     return available() and bool(_glibc().mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def tune_for_speed() -> bool:
+    """Serve every tensor up to 32 MiB from the heap and keep freed heap memory for reuse instead of
+    returning it to the system. Returns whether anything was set.
+
+    With glibc's defaults, the freed memory above the heap's top is handed back after each step (and
+    tensors over the dynamic mmap threshold are mapped and unmapped per use), so the next step faults
+    the same pages in again, zero-filled: about 10-15% of a bf16 MoE layer's forward+backward here
+    (docs/benchmarks.md, "Resident memory"). Resident memory then stays at the step's peak.
+    """
+    if not available():
+        return False
+    libc = _glibc()
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, FAST_MMAP_THRESHOLD_BYTES)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, FAST_TRIM_THRESHOLD_BYTES))
 
 
 def release_free_memory() -> None:

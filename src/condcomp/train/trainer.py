@@ -42,7 +42,7 @@ from condcomp.recompute import count_recomputed_flops
 from condcomp.routing import RoutingError
 from condcomp.settings import changed_keys
 from condcomp.train import checkpoint as ckpt
-from condcomp.train.allocator import release_free_memory, tune_allocator
+from condcomp.train.allocator import release_free_memory, tune_allocator, tune_for_speed
 from condcomp.train.metrics_log import MetricsLog
 from condcomp.train.optim import autocast, build_optimizer, warmup_cosine
 from condcomp.train.pretrained_init import load_init_weights, load_model, load_run_corpus  # noqa: F401 (load_model: re-exported)
@@ -200,6 +200,8 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         if tc.low_memory:
             tune_allocator()  # before the model exists: its activations vary in shape from step to step
+        elif tc.fast_allocator:
+            tune_for_speed()
         self.rt = init_distributed(expert_parallel=tc.expert_parallel, device=tc.device)
         if tc.batch_size % self.rt.world_size:
             raise TrainingError(f"train.batch_size={tc.batch_size} is the batch over all ranks and must divide "
