@@ -13,8 +13,8 @@ applies them only with ``train.low_memory: true``: memory handed back must be fa
 next step, which made steps about 2-2.6x slower here (docs/benchmarks.md, "Resident memory").
 
 ``tune_for_speed`` does the opposite, and the trainer applies it by default (``train.fast_allocator``):
-tensors up to 32 MiB come from the heap, and the heap keeps what is freed, so a step reuses the pages
-the last one faulted in. All three are glibc calls through ctypes and no-ops elsewhere.
+every tensor comes from the heap, and the heap keeps what is freed, so a step reuses the pages the
+last one faulted in. All three are glibc calls through ctypes and no-ops elsewhere.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameter numbers (malloc.h)
 MMAP_THRESHOLD_BYTES = 64 * 1024
-FAST_MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
 FAST_TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes an int
 
 _libc = None
@@ -51,19 +50,19 @@ def tune_allocator() -> bool:
 
 
 def tune_for_speed() -> bool:
-    """Serve every tensor up to 32 MiB from the heap and keep freed heap memory for reuse instead of
-    returning it to the system. Returns whether anything was set.
+    """Serve every tensor from the heap (no per-tensor mappings) and keep freed heap memory for reuse
+    instead of returning it to the system. Returns whether anything was set.
 
-    With glibc's defaults, the freed memory above the heap's top is handed back after each step (and
-    tensors over the dynamic mmap threshold are mapped and unmapped per use), so the next step faults
-    the same pages in again, zero-filled: about 10-15% of a bf16 MoE layer's forward+backward here
-    (docs/benchmarks.md, "Resident memory"). Resident memory then stays at the step's peak.
+    With glibc's defaults, a tensor over the mmap threshold (dynamic, at most 32 MiB) is mapped on
+    allocation and unmapped when freed, and free memory at the heap's top is handed back, so every
+    step faults the same pages in again, zero-filled: about 0.3 ms per MiB here, 20 ms for one
+    [32768, 512] fp32 tensor whose arithmetic takes 1 ms (docs/benchmarks.md, "Resident memory").
+    Resident memory then stays at the largest the process has needed.
     """
     if not available():
         return False
     libc = _glibc()
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, FAST_MMAP_THRESHOLD_BYTES)) and bool(
-        libc.mallopt(M_TRIM_THRESHOLD, FAST_TRIM_THRESHOLD_BYTES))
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, FAST_TRIM_THRESHOLD_BYTES))
 
 
 def release_free_memory() -> None:
