@@ -13,6 +13,7 @@ from condcomp.convert import ConvertError
 from condcomp.convert.bam import merge_branches
 from condcomp.flops import flop_counter
 from condcomp.layers import Attention, AttentionExperts, FeedForward, ModelCache, ParallelBlock
+from condcomp.layers.sdpa import uses_materialized
 from condcomp.models import Transformer
 
 D, H = 32, 4
@@ -105,10 +106,11 @@ def test_cpu_attention_flops_are_counted():
 
 
 @pytest.mark.parametrize("shared_kv", [False, True])
-def test_soft_routing_flops_count_every_attention_expert(shared_kv):
+@pytest.mark.parametrize("t", [16, 96])  # the materialized attention kernel, then the flash kernel
+def test_soft_routing_flops_count_every_attention_expert(shared_kv, t):
     """Soft routing runs every expert: E times one attention's score FLOPs and query/output
     projections, keys/values E times unless shared, plus the router."""
-    E, b, t, hd = 4, 2, 16, D // H
+    E, b, hd = 4, 2, D // H
     torch.manual_seed(0)
     one = Attention(d_model=D, n_heads=H, max_len=t)
     mix = AttentionExperts(d_model=D, n_heads=H, num_experts=E, max_len=t, shared_kv=shared_kv)
@@ -122,9 +124,12 @@ def test_soft_routing_flops_count_every_attention_expert(shared_kv):
     tokens_ = b * t
     scores = 2 * (2 * b * H * t * t * hd)  # forward q k^T and p v of one expert
     proj = lambda width: 2 * tokens_ * D * width  # noqa: E731  forward matmul FLOPs of one projection
-    # Backward: 2x the forward for matmuls (input and weight gradients); 2.5x for attention, whose
-    # backward recomputes the scores (PyTorch's formula, the same as for the CUDA kernels).
-    total = lambda attn, projections: 3.5 * attn + 3 * projections  # noqa: E731
+    # Backward: 2x the forward for matmuls (input and weight gradients); for attention 2.5x with
+    # PyTorch's flash kernel, whose backward recomputes the scores, 2x with the materialized kernel
+    # that layers.sdpa picks for short sequences (it keeps them).
+    q = torch.empty(b, H, t, hd)
+    attn_passes = 3.0 if uses_materialized(q, q) else 3.5
+    total = lambda attn, projections: attn_passes * attn + 3 * projections  # noqa: E731
     assert count(one) == total(scores, proj(3 * D) + proj(D))
     assert count(mix) == total(E * scores, proj(E * D + (2 * D if shared_kv else 2 * E * D)) + proj(E * D) + proj(E))
 
