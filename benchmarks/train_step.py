@@ -45,8 +45,10 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--min-run-time", type=float, default=5.0)
+    p.add_argument("--allocator", choices=("fast", "glibc"), default="fast",
+                   help="fast: the trainer's default (train.fast_allocator); glibc: glibc's own defaults")
     args = p.parse_args()
-    fast_allocator = tune_for_speed()  # as the trainer does by default (train.fast_allocator)
+    fast_allocator = args.allocator == "fast" and tune_for_speed()
     torch.manual_seed(0)
     peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
     print(f"threads {torch.get_num_threads()}, torch {torch.__version__}; "
