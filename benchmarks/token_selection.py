@@ -24,6 +24,7 @@ from condcomp.bench import parameter_storages, prepare, timed_pair
 from condcomp.config import ModelConfig
 from condcomp.layers import Attention, ConditionalAttention, ConditionalFeedForward, FeedForward, MixtureOfDepths
 from condcomp.techniques.dense import transformer_block
+from condcomp.train.allocator import tune_for_speed
 
 
 def table(title: str, rows, x: torch.Tensor, dtype: str, rounds: int) -> None:
@@ -127,9 +128,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7, help="alternating timing rounds per row")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--parts", default="mod,cff,attention")
+    p.add_argument("--allocator", choices=("fast", "glibc"), default="fast",
+                   help="fast: the trainer's default (train.fast_allocator); glibc: glibc's own defaults")
     args = p.parse_args()
     parts = args.parts.split(",")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    fast_allocator = args.allocator == "fast" and tune_for_speed()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"allocator: {'the trainer default (fast)' if fast_allocator else 'glibc default'}\n")
     for dtype in args.dtypes.split(","):
         if "mod" in parts:
             x = torch.randn(4, 1024, 512)

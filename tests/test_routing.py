@@ -73,6 +73,21 @@ def test_fast_dispatch_equals_reference_dispatch(router_kind, mode):
     assert_same(fast, ref)
 
 
+def test_shared_expert_is_added_to_the_routed_sum_outputs_and_gradients():
+    """With a shared expert the dispatch adds the routed sum into the shared expert's output in place;
+    outputs and every gradient equal shared(x) + the naive per-assignment reference (float64)."""
+    torch.manual_seed(0)
+    moe = MoE(d_model=8, d_ff=12, num_experts=4, router=TopKRouter(d_model=8, num_experts=4, k=2, capacity_factor=1.0),
+              shared_expert_d_ff=10).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+
+    def reference(flat):  # the router sees the same input, so the input gradient has its share too
+        return moe.shared(flat)[0] + dispatch_reference(flat, moe.router(flat.view(3, 5, 8)), moe.experts)
+
+    fast = grads(moe, x.reshape(-1, 8), lambda f: moe(f.view(3, 5, 8))[0].reshape(-1, 8))
+    assert_same(fast, grads(moe, x.reshape(-1, 8), reference))
+
+
 def test_one_expert_top1_dropless_equals_dense_ffn():
     moe = make_moe(e=1, k=1, cf=None, activation="swiglu", dtype=torch.float32)
     dense = FeedForward(d_model=8, d_ff=12, activation="swiglu")
@@ -295,6 +310,11 @@ def test_weighted_scatter_matches_plain_ops_and_gradchecks():
     grad = torch.randn(5, 3, dtype=torch.float64, generator=g)
     torch.testing.assert_close(torch.autograd.grad(fast, (ys, w), grad), torch.autograd.grad(ref, (ys, w), grad))
     assert torch.autograd.gradcheck(lambda a, b: WeightedScatter.apply(a, b, index, 5), (ys, w))
+    # Added into an existing tensor in place: that tensor plus the scatter, and its gradient passes through.
+    base = torch.randn(5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    into = WeightedScatter.apply(ys, w, index, 5, base * 1.0)
+    torch.testing.assert_close(into, base + ref)
+    assert torch.autograd.gradcheck(lambda a, b, c: WeightedScatter.apply(a, b, index, 5, c * 1.0), (ys, w, base))
 
 
 @settings(max_examples=200, deadline=None)

@@ -140,11 +140,14 @@ def use_grouped(x: torch.Tensor, group_fn) -> bool:
     return GROUPED == "always" or x.device.type == "cuda"
 
 
-def dispatch(x: torch.Tensor, routing: Routing, group_fn: GroupFn, d_out: int | None = None) -> torch.Tensor:
+def dispatch(x: torch.Tensor, routing: Routing, group_fn: GroupFn, d_out: int | None = None,
+             into: torch.Tensor | None = None) -> torch.Tensor:
     """y[i] = sum over assignments (i, g, w) of w * group_fn(g, x[i]).
 
     x: [n, d_in] flattened tokens. Returns [n, d_out] (zeros for unassigned tokens), dtype of the
-    group outputs.
+    group outputs. into: an [n, d_out] tensor to add y to, in place (a light FFN's or a shared
+    expert's output, which no autograd node has saved): one pass over [n, d_out] instead of zeros
+    plus a sum. Returns into then (or into + y where the dtypes differ).
     """
     if x.shape[0] != routing.num_tokens:
         raise ValueError(f"x has {x.shape[0]} tokens but the routing was made for {routing.num_tokens}")
@@ -155,13 +158,19 @@ def dispatch(x: torch.Tensor, routing: Routing, group_fn: GroupFn, d_out: int | 
     elif use_grouped(x, group_fn):
         ys = group_fn.grouped(x.index_select(0, routing.token_index), routing.group_sizes)
     if ys is not None:
-        return WeightedScatter.apply(ys, routing.combine_weights, routing.token_index, x.shape[0])
+        return _scatter(ys, routing.combine_weights, routing.token_index, x.shape[0], into)
     exact = routing.group_sizes.tolist()
     sizes, index, weights = _pad_to_size_classes(routing, exact)
     ys = _run_loop(group_fn, x.index_select(0, index), sizes, exact)
     if ys is None:
-        return x.new_zeros(x.shape[0], d_out or x.shape[1])
-    return WeightedScatter.apply(ys, weights, index, x.shape[0])
+        return into if into is not None else x.new_zeros(x.shape[0], d_out or x.shape[1])
+    return _scatter(ys, weights, index, x.shape[0], into)
+
+
+def _scatter(ys, weights, index, n, into):
+    if into is not None and into.dtype != ys.dtype:
+        return into + WeightedScatter.apply(ys, weights, index, n, None)
+    return WeightedScatter.apply(ys, weights, index, n, into)
 
 
 def weighted_scatter_reference(ys: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
@@ -171,25 +180,33 @@ def weighted_scatter_reference(ys: torch.Tensor, weights: torch.Tensor, index: t
 
 
 class WeightedScatter(torch.autograd.Function):
-    """out [n, d] = scatter-add over assignments a of weights[a] * ys[a] into row index[a].
+    """out [n, d] = scatter-add over assignments a of weights[a] * ys[a] into row index[a], added to
+    ``into`` [n, d] in place where given (else to zeros).
 
-    Same result as ``weighted_scatter_reference``, but saves only ys (not also the weighted copy that
-    index_add would keep), one [assignments, d] tensor less per MoE layer in training.
+    Same result as ``weighted_scatter_reference`` (+ into), but saves only ys (not also the weighted
+    copy that index_add would keep), one [assignments, d] tensor less per MoE layer in training.
     """
 
     @staticmethod
-    def forward(ctx, ys, weights, index, n):
+    def forward(ctx, ys, weights, index, n, into=None):
         ctx.save_for_backward(ys, weights, index)
-        out = ys.new_zeros(n, ys.shape[1])
+        if into is None:
+            out = ys.new_zeros(n, ys.shape[1])
+        else:
+            ctx.mark_dirty(into)
+            out = into
         return out.index_add_(0, index, ys * weights.to(ys.dtype)[:, None])
 
     @staticmethod
     def backward(ctx, grad_out):
         ys, weights, index = ctx.saved_tensors
         g = grad_out.index_select(0, index)  # [a, d]
-        grad_ys = g * weights.to(g.dtype)[:, None] if ctx.needs_input_grad[0] else None
         grad_w = (g * ys).sum(-1).to(weights.dtype) if ctx.needs_input_grad[1] else None
-        return grad_ys, grad_w, None, None
+        grad_ys = g.mul_(weights.to(g.dtype)[:, None]) if ctx.needs_input_grad[0] else None  # g is ours
+        grads = (grad_ys, grad_w, None, None)
+        if len(ctx.needs_input_grad) > 4:  # called with into
+            grads += (grad_out if ctx.needs_input_grad[4] else None,)
+        return grads
 
 
 def dispatch_reference(x: torch.Tensor, routing: Routing, group_fn: GroupFn) -> torch.Tensor:

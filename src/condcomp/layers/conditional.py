@@ -65,7 +65,7 @@ class ConditionalFeedForward(RouterTraits, nn.Module):
         """x: [batch, seq, d_model] -> (y, LayerInfo with router losses and metrics)."""
         routing = self.router(x, padding_mask)
         flat = x.reshape(-1, self.d_model)
-        y = self.light(flat)[0] + dispatch(flat, routing, lambda g, xs: self.heavy(xs)[0])
+        y = dispatch(flat, routing, lambda g, xs: self.heavy(xs)[0], into=self.light(flat)[0])
         return y.view(x.shape), LayerInfo(aux_losses=routing.aux_losses, metrics=routing.metrics)
 
 

@@ -62,10 +62,10 @@ class MoE(RouterTraits, nn.Module):
         """x: [batch, seq, d_model] or [n, d_model]; padding_mask: leading shape of x, True = real."""
         routing = self.router(x, padding_mask)
         flat = x.reshape(-1, self.d_model)
+        shared = self.shared(flat)[0] if self.shared is not None else None
         if self.placement is None:
-            y = dispatch(flat, routing, self.experts.groups())
+            y = dispatch(flat, routing, self.experts.groups(), into=shared)
         else:
             y = dispatch_expert_parallel(flat, routing, self.experts, self.placement)
-        if self.shared is not None:
-            y = y + self.shared(flat)[0]
+            y = y if shared is None else y + shared
         return y.view(x.shape[:-1] + (y.shape[-1],)), LayerInfo(aux_losses=routing.aux_losses, metrics=routing.metrics)
