@@ -157,6 +157,8 @@ def main() -> None:
             if key == "peers":
                 fns.update(hf_peers(moe, x, precision))
                 fns.update(st_moe_peer(d, width, experts, x, precision))
+                # The bound for any implementation on these loads: the expert GEMMs alone.
+                fns["split/unbind loop (no routing)"] = ideals(moe, xs, sizes, precision)["split/unbind loop"]
             else:
                 fns.update(ideals(moe, xs, sizes, precision))
             times = timed_alternating(fns, args.rounds, warmup=1)
