@@ -84,7 +84,8 @@ def main() -> None:
             " ".join(f"{'@' + str(m):>7}" for m in marks) + f" {'ms/step':>8}")
     print(head + "\n" + "-" * len(head))
     for (mode, variant), r in rows.items():
-        peak, dense_peak = max(r["rss"]), max(rows[(mode, "dense")]["rss"])
+        peak = max(r["rss"])
+        dense_peak = max(rows[(mode, "dense")]["rss"]) if (mode, "dense") in rows else float("nan")
         at = " ".join(f"{r['rss'][m - 1]:>7.0f}" for m in marks)
         print(f"{mode:10} {variant:14} {peak:>9.0f} {peak / dense_peak:>7.2f}x {at} {r['step_s'] * 1e3:>8.1f}")
 
