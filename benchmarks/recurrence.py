@@ -30,6 +30,7 @@ from condcomp.bench import parameter_storages, saved_bytes
 from condcomp.bench.measure import gemm_rate, timed_alternating
 import condcomp.layers.sru_recurrence as sru_recurrence
 from condcomp.layers import SRU, sru_native
+from condcomp.train.allocator import tune_for_speed
 
 KERNEL, PYTORCH = "condcomp SRU (compiled kernel)", "condcomp SRU (PyTorch fused)"
 
@@ -73,11 +74,15 @@ def main() -> None:
     p.add_argument("--reference-max-len", type=int, default=256,
                    help="time the autograd reference loop only up to this length (it is slow: it is what the "
                         "fused path replaces)")
+    p.add_argument("--allocator", choices=("fast", "glibc"), default="fast",
+                   help="fast: the trainer's default (train.fast_allocator); glibc: glibc's own defaults")
     args = p.parse_args()
+    fast_allocator = args.allocator == "fast" and tune_for_speed()
     torch.manual_seed(0)
     all_rows = models(args.d, args.layers)
     params = parameter_storages(m for m, _ in all_rows.values())
-    print(f"threads {torch.get_num_threads()}, batch {args.batch}, {args.d} -> {args.d}, {args.layers} layers\n")
+    print(f"threads {torch.get_num_threads()}, batch {args.batch}, {args.d} -> {args.d}, {args.layers} layers; "
+          f"allocator: {'the trainer default (fast)' if fast_allocator else 'glibc default'}\n")
     results = {}
     for t in args.lengths:
         rows = {n: mb for n, mb in all_rows.items() if "reference" not in n or t <= args.reference_max_len}
