@@ -339,6 +339,7 @@ def test_size_class_padding_leaves_outputs_and_gradients_unchanged(cf, monkeypat
     exact-size loop on outputs and on every gradient (padding rows carry weight 0)."""
     from condcomp.dispatch import grouped
 
+    monkeypatch.setattr(grouped, "SIZE_CLASSES", "always")  # float64 on CPU does not pad by default
     moe = make_moe(e=6, k=2, cf=cf, activation="swiglu", seed=3)
     x = torch.randn(4, 50, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     sizes = moe.router(x).group_sizes.tolist()
@@ -367,6 +368,23 @@ def test_gate_scale_multiplies_the_routed_output_and_keeps_the_router_gradient()
         ModelConfig(d_model=32, n_heads=2, ffn="moe", moe=MoESettings(router="expert_choice", gate_scale=8.0))
 
 
+def test_size_classes_pad_on_cpu_only_in_reduced_precision():
+    """By default the CPU loop pads in bf16 (oneDNN keeps state per GEMM shape) and not in fp32 (BLAS
+    keeps none): the padding shows as overhead FLOPs under bf16 autocast only."""
+    from condcomp.flops import flop_counter
+    from condcomp.recompute import count_recomputed_flops
+
+    moe = make_moe(e=6, k=2, cf=None, activation="swiglu", seed=3, dtype=torch.float32)
+    x = torch.randn(4, 50, 8, requires_grad=True)
+
+    def overhead(bf16: bool):
+        with flop_counter(), count_recomputed_flops() as flops, torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            moe(x)[0].float().square().sum().backward()
+        return sum(flops)
+
+    assert overhead(bf16=False) == 0 and overhead(bf16=True) > 0
+
+
 @pytest.mark.parametrize("fused_loop", [True, False])
 def test_size_class_padding_is_executed_but_not_charged_as_model_flops(monkeypatch, fused_loop):
     """Under a trainer's counting, the padded loop's extra FLOPs are reported as overhead, so executed
@@ -377,6 +395,7 @@ def test_size_class_padding_is_executed_but_not_charged_as_model_flops(monkeypat
     from condcomp.recompute import count_recomputed_flops
 
     monkeypatch.setattr(grouped, "FUSED_LOOP", fused_loop)
+    monkeypatch.setattr(grouped, "SIZE_CLASSES", "always")  # fp32 on CPU does not pad by default
     moe = make_moe(e=6, k=2, cf=None, activation="swiglu", seed=3, dtype=torch.float32)
     x = torch.randn(4, 50, 8, requires_grad=True)                   # a hidden state in training
 

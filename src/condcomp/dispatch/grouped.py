@@ -14,11 +14,13 @@ CPU, where it is about as fast as the grouped GEMM (docs/benchmarks.md), and the
 the grouped kernel refuses the operands. A group function with ``looped`` (the experts) runs the
 whole loop as one autograd node, without the concatenations of a per-group autograd graph.
 
-Size classes (CPU loop): each group's run is padded to its size class (``size_class``: at most
-1/2**SIZE_CLASS_BITS more rows) with copies of token 0 that carry weight 0. Group sizes change every
-step as routing changes, and every new matmul shape costs resident memory that is never handed back:
-oneDNN caches a kernel (with its scratch space) per shape, and glibc's heap keeps holes of sizes the
-next step does not ask for. With size classes the shapes repeat (docs/benchmarks.md, "Resident
+Size classes (the loop; on CPU in reduced precision only, ``SIZE_CLASSES``): each group's run is
+padded to its size class (``size_class``: at most 1/2**SIZE_CLASS_BITS more rows) with copies of
+token 0 that carry weight 0. Group sizes change every step as routing changes, and every new matmul
+shape costs resident memory that is never handed back: oneDNN, which runs CPU bf16 GEMMs, caches a
+kernel (with its scratch space) per shape, and glibc's heap keeps holes of sizes the next step does
+not ask for. (fp32 CPU GEMMs go to BLAS, which keeps nothing per shape; there an fp32 top-2 model's
+RSS was the same with and without the classes, and the steps faster without.) With size classes the shapes repeat (docs/benchmarks.md, "Resident
 memory"). The padded rows' outputs are multiplied by 0 and added to token 0, so the result and every
 gradient are those of the unpadded loop. Their FLOPs are executed but are not the model's: while a
 trainer counts FLOPs they are reported as overhead (``recompute.add_overhead_flops``), so a FLOPs
@@ -70,6 +72,20 @@ SIZE_CLASS_BITS = 4
 None turns size classes off (the loop runs the exact sizes)."""
 SIZE_CLASS_MIN = 16
 """Groups are padded to a multiple of at least this many rows."""
+SIZE_CLASSES = "auto"
+"""Where the loop pads groups to size classes: "auto" (where a matmul keeps state per shape: reduced
+precision on CPU, whose GEMMs run in oneDNN with a cached kernel and scratch space per shape, and any
+other device; not fp32/fp64 on CPU, whose BLAS GEMMs keep nothing per shape, so pad rows would only
+cost time: docs/benchmarks.md, "Resident memory"), "always" (tests) or "never"."""
+
+
+def _pads_to_size_classes(x: torch.Tensor) -> bool:
+    if SIZE_CLASSES != "auto":
+        return SIZE_CLASSES == "always"
+    if x.device.type != "cpu":
+        return True
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return dtype not in (torch.float32, torch.float64)
 
 
 def size_class(m: int) -> int:
@@ -160,7 +176,10 @@ def dispatch(x: torch.Tensor, routing: Routing, group_fn: GroupFn, d_out: int | 
     if ys is not None:
         return _scatter(ys, routing.combine_weights, routing.token_index, x.shape[0], into)
     exact = routing.group_sizes.tolist()
-    sizes, index, weights = _pad_to_size_classes(routing, exact)
+    if _pads_to_size_classes(x):
+        sizes, index, weights = _pad_to_size_classes(routing, exact)
+    else:
+        sizes, index, weights = exact, routing.token_index, routing.combine_weights
     ys = _run_loop(group_fn, x.index_select(0, index), sizes, exact)
     if ys is None:
         return into if into is not None else x.new_zeros(x.shape[0], d_out or x.shape[1])
