@@ -8,8 +8,8 @@ weights separately. In bf16 those copies took about 9% of a top-2 layer's forwar
 
 ``ExpertLoop`` writes each expert's GEMMs straight into preallocated rows of one output, input
 gradient and weight-gradient bank (``torch.mm(..., out=)``), casts the bank once, and keeps only the
-input and the pre-activation for the backward (the activation is recomputed there, one element-wise
-pass): fewer copies and less saved memory than the autograd loop, with the same result.
+input and the pre-activation for the backward (the activation is recomputed there from the
+pre-activation): fewer copies and less saved memory than the autograd loop, with the same result.
 """
 
 from __future__ import annotations
