@@ -3,9 +3,10 @@
 PyTorch's CPU flash-attention kernel computes in fp32 blocks whatever the input dtype, so in bf16 it
 is no faster than in fp32, and its backward takes about three times its forward. For short
 sequences the materialized form — scores by one batched GEMM, softmax, a second GEMM — runs its
-GEMMs on the bf16 units: forward+backward 2.6x faster at 256 tokens, 1.1-1.4x at 512, slower at 1024
-(docs/benchmarks.md, "Attention kernels"); in fp32 it wins only at 64 tokens. It keeps the
-[heads, q_len, k_len] probabilities for the backward. ``attention`` takes that path on CPU within
+GEMMs on the bf16 units: forward+backward 2.6-3x faster at 256 tokens and 1.1-2.6x at 512; at 1024
+0.7x with glibc's default allocator and 1.4x with the trainer's (docs/benchmarks.md, "Attention
+kernels"). In fp32 it wins at 64 tokens under both. It keeps the [heads, q_len, k_len] probabilities
+for the backward, so the limits stay where both allocators agree. ``attention`` takes that path on CPU within
 ``MATERIALIZED_MAX_LEN`` and without an explicit mask or dropout, and calls
 ``F.scaled_dot_product_attention`` otherwise. In bf16 the scores are rounded to bf16 before the
 softmax, as in the plain composition under autocast; the gradients are as accurate as the flash
