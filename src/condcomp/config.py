@@ -229,7 +229,7 @@ class TrainConfig(Settings):
                                            "-45 to -50%, steps 2-2.6x slower: docs/benchmarks.md)")
     fast_allocator: bool = setting(True, help="keep freed host memory in the heap for the next step instead of "
                                               "handing it back and faulting it in again (steps up to 17% faster, "
-                                              "peak RSS +2-7%: docs/benchmarks.md); low_memory overrides it")
+                                              "peak RSS +2-9%: docs/benchmarks.md); low_memory overrides it")
     distill: float = setting(0.0, ge=0.0, help="weight of the KL divergence from the model.init model's predictions "
                                                "(distillation from the dense model a pruned one starts from); 0 = off")
 

@@ -20,11 +20,11 @@ token 0 that carry weight 0. Group sizes change every step as routing changes, a
 shape costs resident memory that is never handed back: oneDNN, which runs CPU bf16 GEMMs, caches a
 kernel (with its scratch space) per shape, and glibc's heap keeps holes of sizes the next step does
 not ask for. (fp32 CPU GEMMs go to BLAS, which keeps nothing per shape; there an fp32 top-2 model's
-RSS was the same with and without the classes, and the steps faster without.) With size classes the shapes repeat (docs/benchmarks.md, "Resident
-memory"). The padded rows' outputs are multiplied by 0 and added to token 0, so the result and every
-gradient are those of the unpadded loop. Their FLOPs are executed but are not the model's: while a
-trainer counts FLOPs they are reported as overhead (``recompute.add_overhead_flops``), so a FLOPs
-budget charges a MoE only for its real assignments.
+RSS was the same with and without the classes, and the steps faster without.) With size classes the
+shapes repeat (docs/benchmarks.md, "Resident memory"). The padded rows' outputs are multiplied by 0
+and added to token 0, so the result and every gradient are those of the unpadded loop. Their FLOPs
+are executed but are not the model's: while a trainer counts FLOPs they are reported as overhead
+(``recompute.add_overhead_flops``), so a FLOPs budget charges a MoE only for its real assignments.
 """
 
 from __future__ import annotations
@@ -79,15 +79,6 @@ other device; not fp32/fp64 on CPU, whose BLAS GEMMs keep nothing per shape, so 
 cost time: docs/benchmarks.md, "Resident memory"), "always" (tests) or "never"."""
 
 
-def _pads_to_size_classes(x: torch.Tensor) -> bool:
-    if SIZE_CLASSES != "auto":
-        return SIZE_CLASSES == "always"
-    if x.device.type != "cpu":
-        return True
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    return dtype not in (torch.float32, torch.float64)
-
-
 def size_class(m: int) -> int:
     """The smallest size class >= m: a multiple of max(SIZE_CLASS_MIN, 2**(floor(log2 m) - BITS))."""
     if SIZE_CLASS_BITS is None or m == 0:
@@ -96,11 +87,23 @@ def size_class(m: int) -> int:
     return -(-m // step) * step
 
 
-def _pad_to_size_classes(routing: Routing, sizes: list[int]):
-    """(padded sizes, token index [a'], combine weights [a']) with every group padded to its size class:
-    pad rows index token 0 and weigh 0; real rows keep their order (and their weights' gradients)."""
-    padded = sizes if routing.tokens_per_sequence is not None else [size_class(m) for m in sizes]
-    if padded == sizes:  # fixed-size selections repeat their shapes already
+def _pays_to_pad(x: torch.Tensor) -> bool:
+    """Whether the loop's GEMMs on x keep state per shape (``SIZE_CLASSES``)."""
+    if SIZE_CLASSES != "auto":
+        return SIZE_CLASSES == "always"
+    if x.device.type != "cpu":
+        return True
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return dtype not in (torch.float32, torch.float64)
+
+
+def _pad_to_size_classes(x: torch.Tensor, routing: Routing, sizes: list[int]):
+    """(padded sizes, token index [a'], combine weights [a']) with every group padded to its size class
+    where that pays for x: pad rows index token 0 and weigh 0; real rows keep their order (and their
+    weights' gradients). Returns sizes itself when nothing is padded."""
+    fixed = routing.tokens_per_sequence is not None  # fixed-size selections repeat their shapes already
+    padded = sizes if fixed or not _pays_to_pad(x) else [size_class(m) for m in sizes]
+    if padded == sizes:
         return sizes, routing.token_index, routing.combine_weights
     device = routing.token_index.device
     shift = torch.tensor([p - r for p, r in zip(accumulate(padded, initial=0), accumulate(sizes, initial=0))][:-1],
@@ -122,32 +125,28 @@ def _run_loop(group_fn, xs: torch.Tensor, sizes: list[int], exact: list[int]) ->
     an input that needs its gradient, as a hidden state in training does), is what the model did not
     need.
     """
-    counting = sizes is not exact and recompute.counting_overhead()
+    if not xs.shape[0]:
+        return None
     looped = getattr(group_fn, "looped", None) if FUSED_LOOP else None
+    counting = sizes is not exact and recompute.counting_overhead()
+    if looped is not None:  # one node: every row of every group costs the same FLOPs
+        groups = [(lambda: looped(xs, sizes), sum(sizes), sum(exact))]
+    else:
+        groups = [(lambda g=g, chunk=chunk: group_fn(g, chunk), chunk.shape[0], m)
+                  for g, (chunk, m) in enumerate(zip(xs.split(sizes), exact)) if chunk.shape[0]]
     if not counting:
-        if looped is not None:
-            return looped(xs, sizes) if xs.shape[0] else None
-        outs = [group_fn(g, chunk) for g, chunk in enumerate(xs.split(sizes)) if chunk.shape[0]]
-        return (torch.cat(outs) if len(outs) > 1 else outs[0]) if outs else None
-    from condcomp.flops import flop_counter
+        outs = [run() for run, _, _ in groups]
+    else:
+        from condcomp.flops import flop_counter
 
-    passes = 3 if torch.is_grad_enabled() else 1
-    if looped is not None:  # every row of every group costs the same FLOPs
-        if not xs.shape[0]:
-            return None
-        with flop_counter() as counter:  # counts alongside the trainer's counter
-            ys = looped(xs, sizes)
-        recompute.add_overhead_flops(passes * counter.get_total_flops() * (sum(sizes) - sum(exact)) / sum(sizes))
-        return ys
-    outs, overhead = [], 0.0
-    for g, (chunk, m) in enumerate(zip(xs.split(sizes), exact)):
-        if not chunk.shape[0]:
-            continue
-        with flop_counter() as counter:
-            outs.append(group_fn(g, chunk))
-        overhead += passes * counter.get_total_flops() * (chunk.shape[0] - m) / chunk.shape[0]
-    recompute.add_overhead_flops(overhead)
-    return (torch.cat(outs) if len(outs) > 1 else outs[0]) if outs else None
+        passes = 3 if torch.is_grad_enabled() else 1
+        outs, overhead = [], 0.0
+        for run, rows, real in groups:
+            with flop_counter() as counter:  # counts alongside the trainer's counter
+                outs.append(run())
+            overhead += passes * counter.get_total_flops() * (rows - real) / rows
+        recompute.add_overhead_flops(overhead)
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 def use_grouped(x: torch.Tensor, group_fn) -> bool:
@@ -176,10 +175,7 @@ def dispatch(x: torch.Tensor, routing: Routing, group_fn: GroupFn, d_out: int | 
     if ys is not None:
         return _scatter(ys, routing.combine_weights, routing.token_index, x.shape[0], into)
     exact = routing.group_sizes.tolist()
-    if _pads_to_size_classes(x):
-        sizes, index, weights = _pad_to_size_classes(routing, exact)
-    else:
-        sizes, index, weights = exact, routing.token_index, routing.combine_weights
+    sizes, index, weights = _pad_to_size_classes(x, routing, exact)
     ys = _run_loop(group_fn, x.index_select(0, index), sizes, exact)
     if ys is None:
         return into if into is not None else x.new_zeros(x.shape[0], d_out or x.shape[1])

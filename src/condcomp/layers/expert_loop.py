@@ -112,7 +112,8 @@ class ExpertLoop(torch.autograd.Function):
                 grad_down.to(down_dtype) if need_down else None, None, None, None)
 
 
-def expert_loop(xs: torch.Tensor, up: torch.Tensor, down: torch.Tensor, sizes: list[int], activation: str) -> torch.Tensor:
+def expert_loop(xs: torch.Tensor, up: torch.Tensor, down: torch.Tensor, sizes: list[int],
+                activation: str) -> torch.Tensor:
     """``ExpertLoop`` at autocast's dtype where autocast is on (as a matmul would run), else xs's."""
     device = xs.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xs.dtype

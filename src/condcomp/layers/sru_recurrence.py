@@ -18,8 +18,9 @@ intermediates are updated in place where they are not needed again. Both directi
 the sequence in chunks of CHUNK steps, so each chunk's tensors stay in cache.
 
 On the CPU a compiled kernel (sru_native, built on first use; float32 arithmetic, u read in float32
-or bfloat16) runs both directions instead: one pass over time per direction with every gate computed in registers. NATIVE = "never"
-selects the PyTorch path above (the benchmark's comparison row and the fallback).
+or bfloat16) runs both directions instead: one pass over time per direction with every gate computed
+in registers. NATIVE = "never" selects the PyTorch path above (the benchmark's comparison row and the
+fallback).
 
 Padding (real [T, batch] or [T, batch, d] bool, False = padded) leaves the cell unchanged and outputs 0, so a
 sequence's final cell is the one after its last real step. The fast path does this by forcing
